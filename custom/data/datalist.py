@@ -1,0 +1,165 @@
+"""Datalists: the lists of dicts that MONAI datasets consume, built from a patch folder or a slide list file.
+
+Patch-folder layout (the reference method's)::
+
+    root/{split}/pos/*   images with tumour (label 1)
+    root/{split}/neg/*   images without tumour (label 0)
+    root/{split}/gt/*    a mask for each pos image, matched by file stem (not by sort order)
+
+Slide lists (CSV, or JSON as a list of dicts or MONAI-style ``{"training": [...]}``) have the columns ``slide``
+and ``label`` and optionally ``mask`` (a pyramidal mask TIFF) and ``annotation`` (an ASAP XML). Relative paths are
+relative to the list's folder. Labels are strict: 0, 1, "0", "1" or Camelyon16's "normal" / "tumor"
+(case-insensitive); anything else is an error naming the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["IMAGE_SUFFIXES", "patch_folder_datalist", "load_slide_datalist", "split_train_val"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+_LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1}
+_SLIDE_PATH_KEYS = ("slide", "mask", "annotation")
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    """Map file stem -> image path in one folder, refusing two files that share a stem (their names would clash)."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in found:
+            raise ValueError(f"two images share the stem {path.stem!r}: {found[path.stem]} and {path}")
+        found[path.stem] = path
+    return found
+
+
+def patch_folder_datalist(root: str | os.PathLike, split: str, require_masks: bool | None = None) -> list[dict]:
+    """List ``{"image", "label", "mask", "name"}`` items of one split; masks are matched to pos images by stem.
+
+    ``require_masks`` (default: True only for the "test" split, which is scored against masks) makes a pos image
+    without a gt file an error; otherwise its mask is None, as training uses only image-level labels.
+    Negatives have mask None (all-zero by definition). A gt file without a pos image is warned about and ignored.
+    """
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"patch folder split not found: {folder}")
+    require_masks = split == "test" if require_masks is None else require_masks
+    pos, neg, gt = (_images_by_stem(folder / name) for name in ("pos", "neg", "gt"))
+    if not pos and not neg:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder / 'pos'} or {folder / 'neg'}")
+    if both := sorted(pos.keys() & neg.keys()):
+        raise ValueError(f"{folder}: image name(s) in both pos and neg, so the label is ambiguous: {both[:5]}")
+    if require_masks and (missing := sorted(pos.keys() - gt.keys())):
+        raise ValueError(f"{folder / 'pos'}: {len(missing)} image(s) have no mask in {folder / 'gt'}: {missing[:5]}")
+    if orphans := sorted(gt.keys() - pos.keys()):
+        warnings.warn(f"{folder / 'gt'}: {len(orphans)} mask(s) without a pos image are ignored: {orphans[:5]}")
+    items = [{"image": str(p), "label": 1, "mask": str(gt[s]) if s in gt else None, "name": s} for s, p in pos.items()]
+    items += [{"image": str(p), "label": 0, "mask": None, "name": s} for s, p in neg.items()]
+    return items
+
+
+def _read_rows(path: Path, key: str) -> list[tuple[str, dict]]:
+    """Read (row description, raw dict) pairs from a CSV or JSON list, so errors can point at the row."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            return [(f"{path} line {reader.line_num}", row) for row in reader]
+    if path.suffix.lower() == ".json":
+        try:
+            content = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON ({e})") from e
+        if isinstance(content, dict):
+            if key not in content:
+                raise ValueError(f"{path}: no {key!r} list in the JSON object (keys: {sorted(content)})")
+            content = content[key]
+        if not isinstance(content, list) or not all(isinstance(row, dict) for row in content):
+            raise ValueError(f"{path}: expected a list of objects (or {{{key!r}: [...]}})")
+        return [(f"{path} entry {index}", row) for index, row in enumerate(content)]
+    raise ValueError(f"{path}: unknown slide list format {path.suffix!r}; use .csv or .json")
+
+
+def _parse_label(value: object, where: str) -> int:
+    """Map the accepted label spellings to 0/1; anything else (e.g. "2", "yes", "") is an error naming the row."""
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
+        return _LABELS[value.strip().lower()]
+    raise ValueError(f"{where}: unknown label {value!r}; expected 0/1 or normal/tumor")
+
+
+def load_slide_datalist(path: str | os.PathLike, key: str = "training") -> list[dict]:
+    """Read a slide list into ``{"slide", "label", "mask", "annotation", "name", ...}`` items with absolute paths.
+
+    Extra columns are kept as they are; empty ``mask`` / ``annotation`` cells become None. ``key`` picks the list of
+    a MONAI-style JSON object. ``name`` is the slide's file stem, which must be unique.
+    """
+    path = Path(path)
+    items, names = [], {}
+    for where, row in _read_rows(path, key):
+        if "slide" not in row or "label" not in row:
+            missing = [column for column in ("slide", "label") if column not in row]
+            raise ValueError(f"{where}: missing column(s) {missing}")
+        item = dict(row)
+        item["label"] = _parse_label(row["label"], where)
+        for column in _SLIDE_PATH_KEYS:
+            value = row.get(column)
+            if value in (None, "") and column != "slide":
+                item[column] = None
+                continue
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{where}: {column!r} must be a path, got {value!r}")
+            resolved = path.parent / value
+            if not resolved.exists():
+                raise FileNotFoundError(f"{where}: {column} file not found: {resolved}")
+            item[column] = str(resolved)
+        item["name"] = Path(item["slide"]).stem
+        if item["name"] in names:
+            raise ValueError(f"{where}: slide name {item['name']!r} repeats {names[item['name']]}")
+        names[item["name"]] = where
+        items.append(item)
+    return items
+
+
+def split_train_val(
+    items: Sequence[dict], val_fraction: float, seed: int = 0, by: str = "label-stratified"
+) -> tuple[list[dict], list[dict]]:
+    """Carve a validation split out of training items, reproducibly for a seed, keeping the input order in each part.
+
+    ``by="label-stratified"`` takes ``round(val_fraction * n)`` items of each label (at least one when the label has
+    two or more items and the fraction is positive, and never all of them); ``by="random"`` ignores labels.
+    Only ever pass training items: the test split is not to be touched by model selection.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if by == "label-stratified":
+        groups: dict[object, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(item["label"], []).append(index)
+        strata = [groups[label] for label in sorted(groups)]
+    elif by == "random":
+        strata = [list(range(len(items)))]
+    else:
+        raise ValueError(f"unknown split mode {by!r}; expected 'label-stratified' or 'random'")
+    rng = np.random.default_rng(seed)
+    val_indices: set[int] = set()
+    for indices in strata:
+        n_val = round(val_fraction * len(indices))
+        if val_fraction > 0:
+            n_val = max(n_val, 1)
+        n_val = min(n_val, len(indices) - 1)
+        val_indices.update(int(i) for i in rng.permutation(indices)[:n_val])
+    train = [item for index, item in enumerate(items) if index not in val_indices]
+    val = [item for index, item in enumerate(items) if index in val_indices]
+    return train, val
