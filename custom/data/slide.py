@@ -1,0 +1,276 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Open whole-slide images through ``monai.data.WSIReader`` with a per-file backend fallback.
+
+Coordinate conventions at this boundary:
+
+* ``Slide.read_region`` takes a location in LEVEL-0 ``(x, y)`` pixels (OpenSlide / QuPath order) and a size
+  ``(width, height)`` in pixels AT the requested level; it returns a ``(rows, cols, 3)`` uint8 RGB array.
+* ``level_dimensions`` are ``(width, height)``; ``mpp`` is ``(x, y)`` microns per level-0 pixel.
+* MONAI's ``WSIReader.get_data`` takes ``(row, col)`` locations and ``(height, width)`` sizes; it is only used
+  here to validate a file, never exposed.
+
+Reading goes straight to the object that ``WSIReader.read`` returned (``CuImage``, ``OpenSlide`` or
+``TiffFile``): ``get_data`` re-validates the level and builds a metadata dict on every call, which costs about
+10-25 % of the tile rate (see ``scripts/bench_read.py``), and MONAI's tifffile backend decodes the whole level
+for every patch, so this module decodes only the TIFF tiles a region touches.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tifffile
+from monai.data import WSIReader
+
+__all__ = ["SlideReadError", "Slide", "open_slide", "select_level"]
+
+BACKENDS = ("cucim", "openslide", "tifffile")
+_PROBE_SIZE = 64  # pixels of the test read that proves a backend can decode the file
+
+
+class SlideReadError(RuntimeError):
+    """No backend could open and decode a slide; the message names the file and each backend's error."""
+
+
+@dataclass
+class Slide:
+    """An open whole-slide image: geometry and resolution metadata plus a lazily (re)opened backend handle.
+
+    The handle (``CuImage`` is not picklable) is dropped when a ``Slide`` is pickled and reopened on first use
+    in another process, so a ``Dataset`` can hold ``Slide`` objects and use them in DataLoader workers, whether
+    they are started by fork or by spawn.
+    """
+
+    path: str
+    backend: str
+    level_dimensions: list[tuple[int, int]]
+    level_downsamples: list[float]
+    mpp: tuple[float, float] | None
+    _handle: Any = field(default=None, repr=False, compare=False)
+    _handle_pid: int | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels."""
+        return len(self.level_dimensions)
+
+    @property
+    def handle(self) -> Any:
+        """The backend object, reopened in a process that did not open it (DataLoader workers)."""
+        if self._handle is None or self._handle_pid != os.getpid():
+            self._handle = _open_handle(self.path, self.backend)
+            self._handle_pid = os.getpid()
+        return self._handle
+
+    def level_mpp(self, level: int) -> tuple[float, float] | None:
+        """Microns per pixel ``(x, y)`` at ``level``, or None when the file has no resolution metadata."""
+        if self.mpp is None:
+            return None
+        ds = self.level_downsamples[level]
+        return self.mpp[0] * ds, self.mpp[1] * ds
+
+    def read_region(self, location_xy: tuple[int, int], size_wh: tuple[int, int], level: int = 0) -> np.ndarray:
+        """Read an RGB region; the part outside the slide is padded with white (255), as blank glass looks.
+
+        Args:
+            location_xy: top-left corner in LEVEL-0 ``(x, y)`` pixels; may be negative.
+            size_wh: ``(width, height)`` in pixels at ``level``.
+            level: pyramid level.
+
+        Returns:
+            ``(height, width, 3)`` uint8 RGB array.
+        """
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"{self.path}: level {level} requested but the slide has {self.level_count} levels")
+        width, height = (int(s) for s in size_wh)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"{self.path}: region size must be positive, got (w, h)={size_wh}")
+        x, y = (int(v) for v in location_xy)
+        ds = self.level_downsamples[level]
+        level_w, level_h = self.level_dimensions[level]
+        col0, row0 = int(x // ds), int(y // ds)
+        if col0 >= 0 and row0 >= 0 and col0 + width <= level_w and row0 + height <= level_h:
+            return self._read_inside((x, y), (width, height), level)
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        c_start, c_stop = max(col0, 0), min(col0 + width, level_w)
+        r_start, r_stop = max(row0, 0), min(row0 + height, level_h)
+        if c_start < c_stop and r_start < r_stop:
+            inside_xy = (max(x, 0), max(y, 0))
+            out[r_start - row0 : r_stop - row0, c_start - col0 : c_stop - col0] = self._read_inside(
+                inside_xy, (c_stop - c_start, r_stop - r_start), level
+            )
+        return out
+
+    def _read_inside(self, location_xy: tuple[int, int], size_wh: tuple[int, int], level: int) -> np.ndarray:
+        """Read a region that lies wholly inside the slide with the backend's own call."""
+        handle = self.handle
+        if self.backend == "cucim":
+            return np.asarray(handle.read_region(location=location_xy, size=size_wh, level=level))[..., :3]
+        if self.backend == "openslide":
+            return np.asarray(handle.read_region(location_xy, level, size_wh).convert("RGB"))
+        ds = self.level_downsamples[level]
+        page = handle.series[0].levels[level].keyframe
+        return _read_tiff_region(page, int(location_xy[1] // ds), int(location_xy[0] // ds), size_wh[1], size_wh[0])
+
+    def close(self) -> None:
+        """Release the backend handle (it is reopened if the slide is read again)."""
+        if self._handle is not None and hasattr(self._handle, "close"):
+            self._handle.close()
+        self._handle = None
+        self._handle_pid = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        """Drop the unpicklable handle; the receiving process reopens the file on first read."""
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_handle_pid"] = None
+        return state
+
+
+def _read_tiff_region(page: Any, row0: int, col0: int, height: int, width: int) -> np.ndarray:
+    """Decode only the TIFF tiles that overlap a ``(row, col)`` box of one tifffile page (no zarr needed)."""
+    if not page.is_tiled:
+        return page.asarray()[row0 : row0 + height, col0 : col0 + width, :3]
+    if page.dtype != np.uint8:
+        raise ValueError(f"only 8-bit slides are supported, this page holds {page.dtype}")
+    tile_h, tile_w = page.tilelength, page.tilewidth
+    tiles_across = -(-page.imagewidth // tile_w)
+    tile_rows = range(row0 // tile_h, (row0 + height - 1) // tile_h + 1)
+    tile_cols = range(col0 // tile_w, (col0 + width - 1) // tile_w + 1)
+    indices = [r * tiles_across + c for r in tile_rows for c in tile_cols]
+    mosaic = np.empty((len(tile_rows) * tile_h, len(tile_cols) * tile_w, page.samplesperpixel), np.uint8)
+    decode_args = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader, "_fullsize": True}
+    segments = page.parent.filehandle.read_segments(
+        [page.dataoffsets[i] for i in indices], [page.databytecounts[i] for i in indices], indices=indices
+    )
+    for data, index in segments:
+        tile = page.decode(data, index, **decode_args)[0]
+        r, c = divmod(index, tiles_across)
+        r, c = r - tile_rows.start, c - tile_cols.start
+        mosaic[r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w] = tile.reshape(tile_h, tile_w, -1)
+    top, left = row0 - tile_rows.start * tile_h, col0 - tile_cols.start * tile_w
+    return mosaic[top : top + height, left : left + width, :3]
+
+
+def _open_handle(path: str, backend: str) -> Any:
+    """Open ``path`` with one MONAI WSIReader backend and return the backend's own slide object."""
+    return WSIReader(backend=backend, channel_dim=-1).read(path)
+
+
+def _geometry(handle: Any, backend: str, reader: WSIReader) -> tuple[list[tuple[int, int]], list[float]]:
+    """Level sizes ``(width, height)`` and downsamples; tifffile levels come from the pyramid series.
+
+    MONAI's tifffile backend counts every TIFF page as a level, which for SVS includes the thumbnail, label
+    and macro images; ``TiffFile.series[0].levels`` holds only the pyramid.
+    """
+    if backend == "tifffile":
+        shapes = [level.keyframe.shape for level in handle.series[0].levels]
+        dims = [(int(s[1]), int(s[0])) for s in shapes]
+        return dims, [dims[0][1] / h for _, h in dims]
+    count = reader.get_level_count(handle)
+    dims = [tuple(int(v) for v in reversed(reader.get_size(handle, lvl))) for lvl in range(count)]
+    return dims, [float(reader.get_downsample_ratio(handle, lvl)) for lvl in range(count)]
+
+
+def _level0_mpp(handle: Any, backend: str, reader: WSIReader) -> tuple[float, float] | None:
+    """Level-0 microns per pixel ``(x, y)``, or None when the file does not record it.
+
+    MONAI returns ``(y, x)`` for OpenSlide and tifffile, reports cuCIM's default spacing of 1.0 even when the
+    file has no unit (so a unit-less cuCIM spacing is treated as missing), and its tifffile backend ignores the
+    Aperio ``MPP`` field of SVS files.
+    """
+    if backend == "cucim" and "MPP" not in handle.metadata.get("aperio", {}):
+        units = handle.metadata.get("cucim", {}).get("spacing_units", ["", ""])
+        if not all(units[:2]):
+            return None
+    if backend == "tifffile" and handle.is_svs:
+        aperio_mpp = tifffile.svs_description_metadata(handle.pages[0].description).get("MPP")
+        return (float(aperio_mpp),) * 2 if aperio_mpp else None
+    try:
+        first, second = reader.get_mpp(handle, 0)
+    except ValueError:
+        return None
+    mpp_xy = (float(first), float(second)) if backend == "cucim" else (float(second), float(first))
+    return mpp_xy if all(np.isfinite(mpp_xy)) and min(mpp_xy) > 0 else None
+
+
+def _try_backend(path: str, backend: str) -> Slide:
+    """Open ``path`` with one backend and prove it by decoding a small region of the lowest level."""
+    reader = WSIReader(backend=backend, channel_dim=-1)
+    handle = reader.read(path)
+    dims, downsamples = _geometry(handle, backend, reader)
+    slide = Slide(path, backend, dims, downsamples, _level0_mpp(handle, backend, reader), handle, os.getpid())
+    low = slide.level_count - 1
+    probe_w, probe_h = (min(_PROBE_SIZE, s) for s in dims[low])
+    patch = slide.read_region((0, 0), (probe_w, probe_h), level=low)
+    if patch.shape != (probe_h, probe_w, 3) or patch.dtype != np.uint8:
+        raise ValueError(f"test read returned shape {patch.shape} {patch.dtype}, expected ({probe_h}, {probe_w}, 3)")
+    return slide
+
+
+def open_slide(path: str | os.PathLike, backends: Sequence[str] = BACKENDS) -> Slide:
+    """Open a whole-slide image with the first backend that both opens it and decodes a test read.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        SlideReadError: every backend failed; the message lists each backend's error.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"slide not found: {path}")
+    errors = []
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown slide backend {backend!r}; choose from {BACKENDS}")
+        try:
+            return _try_backend(path, backend)
+        except Exception as err:  # every backend raises its own types (RuntimeError, OpenSlideError, TiffFileError...)
+            errors.append(f"{backend}: {type(err).__name__}: {err}")
+    raise SlideReadError(f"cannot read slide {path}:\n  " + "\n  ".join(errors))
+
+
+def select_level(
+    slide: Slide,
+    level: int | None = None,
+    mpp: float | None = None,
+    tolerance: float = 0.1,
+    mpp_override: float | None = None,
+) -> int:
+    """Pick a pyramid level by index or by microns per pixel (x), within a relative ``tolerance``.
+
+    Args:
+        slide: the open slide.
+        level: the level index; exclusive with ``mpp``.
+        mpp: target microns per pixel; the level whose mpp is nearest, if within ``tolerance`` of it.
+        tolerance: accepted relative difference between the level's mpp and ``mpp``.
+        mpp_override: level-0 microns per pixel given by the user, for files without (or with wrong) metadata.
+    """
+    if (level is None) == (mpp is None):
+        raise ValueError(f"{slide.path}: give exactly one of level={level} or mpp={mpp}")
+    if level is not None:
+        if not 0 <= level < slide.level_count:
+            raise ValueError(f"{slide.path}: level {level} requested but the slide has {slide.level_count} levels")
+        return int(level)
+    base = mpp_override if mpp_override is not None else (slide.mpp[0] if slide.mpp else None)
+    if base is None:
+        raise ValueError(
+            f"{slide.path} has no microns-per-pixel metadata: select by level=, or pass mpp_override= "
+            "(the level-0 mpp, e.g. 0.25 for 40x, 0.5 for 20x)"
+        )
+    level_mpps = [base * ds for ds in slide.level_downsamples]
+    errors = [abs(m - mpp) / mpp for m in level_mpps]
+    best = int(np.argmin(errors))
+    if errors[best] > tolerance:
+        listed = ", ".join(f"level {i}: {m:.3f}" for i, m in enumerate(level_mpps))
+        raise ValueError(f"{slide.path}: no level within {tolerance:.0%} of {mpp} um/px (available: {listed})")
+    return best
