@@ -107,3 +107,15 @@ def test_unknown_group_is_an_error_unless_mapped(tmp_path):
         read_asap_xml(path)
     (annotation,) = read_asap_xml(path, tumour_groups=("None",))
     assert rasterize_annotations([annotation], (0, 0), (4, 4)).sum() == 16
+
+
+def test_round_trip_with_the_asap_writer(tmp_path):
+    from custom.writers.asap_xml import write_asap_xml
+
+    tumour = np.array([[8, 4], [40, 4], [40, 20], [8, 20]], float)
+    hole = np.array([[16, 8], [24, 8], [24, 12], [16, 12]], float)
+    path = write_asap_xml(tmp_path / "written.xml", [tumour, hole], groups=["_1", "_2"])
+    annotations = read_asap_xml(path)
+    assert [a.value for a in annotations] == [TUMOUR, EXCLUDED]
+    np.testing.assert_array_equal(annotations[0].xy, tumour)
+    np.testing.assert_array_equal(annotations[1].xy, hole)
