@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import tifffile
 from monai.data import WSIReader
+from tifffile.tifffile import svs_description_metadata
 
 __all__ = ["SlideReadError", "Slide", "open_slide", "select_level"]
 
@@ -194,7 +194,7 @@ def _level0_mpp(handle: Any, backend: str, reader: WSIReader) -> tuple[float, fl
         if not all(units[:2]):
             return None
     if backend == "tifffile" and handle.is_svs:
-        aperio_mpp = tifffile.svs_description_metadata(handle.pages[0].description).get("MPP")
+        aperio_mpp = svs_description_metadata(handle.pages[0].description).get("MPP")
         return (float(aperio_mpp),) * 2 if aperio_mpp else None
     try:
         first, second = reader.get_mpp(handle, 0)
