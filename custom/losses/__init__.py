@@ -1,0 +1,2 @@
+from .dice import soft_dice_loss
+from .mil import ConstantMaskDiceLoss, MILPoolingLoss, gm_pool
