@@ -1,0 +1,2 @@
+from .baselines import all_background_maps, evaluate_baselines, oracle_label_maps
+from .segmentation import METRIC_KEYS, MILSegmentationHandler, MILSegmentationMetric, evaluate_maps
