@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
 __all__ = ["WeightedCELoss"]
@@ -23,7 +22,8 @@ class WeightedCELoss(_Loss):
         1. the target is the teacher map binarised at ``threshold`` (``>=``, as ``monai.transforms.AsDiscrete``),
            not the soft map cast to integer, which sent every value below 1.0 to background;
         2. the loss is computed on log-probabilities of the given probabilities (clamped to ``[eps, 1 - eps]``),
-           not by feeding probabilities to a cross-entropy that expects logits.
+           not by feeding probabilities to a cross-entropy that expects logits. It is written out with
+           ``torch.log`` in float32 because ``F.binary_cross_entropy`` refuses to run under CUDA autocast.
 
     Args:
         threshold: teacher probabilities at or above it are foreground.
@@ -50,7 +50,7 @@ class WeightedCELoss(_Loss):
             raise ValueError(f"input and target shapes differ: {tuple(input.shape)} vs {tuple(target.shape)}.")
         prob = input.flatten(1).float().clamp(self.eps, 1.0 - self.eps)
         mask = (target.flatten(1).float() >= self.threshold).float()
-        ce = F.binary_cross_entropy(prob, mask, reduction="none")
+        ce = -(mask * torch.log(prob) + (1.0 - mask) * torch.log1p(-prob))
         return (self.easy_example_weights(ce, mask) * ce).mean()
 
     @staticmethod

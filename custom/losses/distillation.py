@@ -1,0 +1,100 @@
+"""Stage-2 fusion knowledge-distillation loss: soft Dice to the teacher's map plus weighted cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+from monai.losses import DiceLoss
+from monai.utils.enums import CommonKeys as Keys
+from torch.nn.modules.loss import _Loss
+
+from custom.losses.weighted_ce import WeightedCELoss
+
+__all__ = ["DistillationLoss"]
+
+TARGETS = ("fused", "side")
+
+
+class DistillationLoss(_Loss):
+    """
+    ``loss = L_kd + lambda_wce * L_wce`` between a student's output and its teacher's (docs/METHOD.md, stage 2).
+
+    - ``L_kd``: soft Dice (MONAI ``DiceLoss``, per image and per map) between every student map (side maps and the
+      fused map) and the teacher's target. ``target="fused"`` (the method): every student map learns the teacher's
+      fused map. ``target="side"`` (ablation): student map k learns teacher map k, so the teacher output must have
+      all ``S + 1`` channels (a teacher forward, not the one-channel pseudo-label cache).
+      Positive images learn the teacher's map; negative images learn an all-zero mask whatever the teacher says,
+      scored as in stage 1 on the inverted maps (``1 - p`` against all ones), since Dice to an empty mask is flat.
+    - ``L_wce``: :class:`WeightedCELoss` between the student's fused map and the same (negatives: zero) target.
+
+    Reduction: ``L_kd`` is the mean of the ``B x (S + 1)`` Dice terms and ``L_wce`` the mean over images, so the loss
+    does not depend on the batch size or on the number of side maps. The reference adds ``2 x B x WCE`` to a sum of
+    Dice terms instead; if that sum holds ``n`` Dice terms per batch, the same balance here is
+    ``lambda_wce = 2 * B / n`` (for example 8 for ``n = S + 1 = 4`` batch-level terms at ``B = 16``, 0.5 for
+    ``n = B x (S + 1)`` per-image terms). The default ``lambda_wce = 1`` weighs the two mean terms equally.
+
+    Args:
+        lambda_wce: weight of ``L_wce``.
+        use_wce: False drops ``L_wce`` (ablation: Dice distillation only); it is then reported as 0.
+        wce_threshold: teacher probabilities at or above it are foreground for ``L_wce``.
+        target: ``"fused"`` or ``"side"``, see above.
+        smooth: Dice numerator and denominator smoothing (MONAI's ``smooth_nr`` / ``smooth_dr``).
+    """
+
+    def __init__(
+        self,
+        lambda_wce: float = 1.0,
+        use_wce: bool = True,
+        wce_threshold: float = 0.5,
+        target: str = "fused",
+        smooth: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+        self.lambda_wce = lambda_wce
+        self.use_wce = use_wce
+        self.target = target
+        self.dice = DiceLoss(include_background=True, smooth_nr=smooth, smooth_dr=smooth, reduction="none")
+        self.wce = WeightedCELoss(threshold=wce_threshold)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Scalar total loss; see :meth:`components` for the arguments."""
+        return self.components(student, teacher, label)[Keys.LOSS]
+
+    def components(self, student: torch.Tensor, teacher: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            student: student probabilities (B, S + 1, H, W), side maps then the fused map last.
+            teacher: teacher probabilities, (B, 1, H, W) fused map (pseudo-label cache) or (B, S + 1, H, W).
+            label: image-level labels (B,), 1 = tumour, 0 = none.
+
+        Returns:
+            ``{"loss": total, "loss_kd": L_kd, "loss_wce": L_wce}``, scalars; only ``loss`` carries the gradient use.
+        """
+        positive = self._positive_mask(label, student)
+        target = self._dice_target(student, teacher.to(student.dtype)) * positive
+        ones = torch.ones_like(student)
+        kd = self.dice(torch.where(positive, student, 1.0 - student), torch.where(positive, target, ones)).mean()
+        wce = self.wce(student[:, -1:], target[:, -1:]) if self.use_wce else kd.new_zeros(())
+        return {Keys.LOSS: kd + self.lambda_wce * wce, "loss_kd": kd, "loss_wce": wce}
+
+    def _dice_target(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The teacher map each student channel learns, broadcast to the student's shape."""
+        if teacher.shape[0] != student.shape[0] or teacher.shape[2:] != student.shape[2:]:
+            raise ValueError(f"teacher shape {tuple(teacher.shape)} does not match student {tuple(student.shape)}.")
+        if self.target == "fused":
+            return teacher[:, -1:].expand_as(student)
+        if teacher.shape[1] != student.shape[1]:
+            raise ValueError(
+                f'target="side" needs the teacher\'s {student.shape[1]} maps, got {teacher.shape[1]} channel(s); '
+                "the pseudo-label cache holds only the fused map, so run the teacher every step."
+            )
+        return teacher
+
+    @staticmethod
+    def _positive_mask(label: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 1, 1) boolean mask of tumour images, checked against the batch size."""
+        flat = label.reshape(-1)
+        if flat.numel() != student.shape[0]:
+            raise ValueError(f"expected one image-level label per image ({student.shape[0]}), got {flat.numel()}.")
+        return (flat > 0.5).view(-1, 1, 1, 1).to(student.device)
