@@ -1,0 +1,211 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Tissue detection on a low-resolution copy of a slide, and its export as PNG and QuPath GeoJSON.
+
+Stained tissue is coloured and glass is grey-white, so tissue is where the HSV saturation exceeds an Otsu
+threshold (never below ``min_saturation``, so that a blank slide stays blank). Near-black pixels (scanner fill,
+dark debris) are excluded. The threshold actually used is kept on the mask so users can see and tune it.
+Pen marks are coloured too and are not removed: pass an explicit ``threshold`` or clean the slide's mask.
+
+Coordinates: the mask is ``(rows, cols)``; one mask pixel covers ``downsample`` x ``downsample`` level-0
+pixels; everything exported (GeoJSON, boxes) is in LEVEL-0 ``(x, y)`` pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely.affinity import affine_transform
+from shapely.geometry import Polygon, mapping
+from skimage.color import rgb2hsv
+from skimage.filters import threshold_otsu
+from skimage.io import imsave
+from skimage.measure import find_contours
+from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
+from skimage.segmentation import find_boundaries
+from skimage.transform import downscale_local_mean
+
+from custom.data.slide import Slide
+
+__all__ = ["TissueMask", "detect_tissue", "save_tissue_png", "tissue_geojson", "save_tissue_geojson"]
+
+ASSUMED_LEVEL0_MPP = 0.5  # 20x, used only to size the mask and areas of slides without mpp metadata
+_BLOCK_PIXELS = 2048  # level pixels read per block while building the thumbnail, bounds memory
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask at low resolution, with the scale that maps it back to level 0."""
+
+    mask: np.ndarray
+    downsample: float
+    threshold: float
+    thumbnail: np.ndarray | None = field(default=None, repr=False)
+
+    def fraction(self) -> float:
+        """Fraction of the slide covered by tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def region_fraction(self, location_xy: tuple[int, int], size_wh_level0: tuple[int, int]) -> float:
+        """Tissue fraction inside one level-0 ``(x, y, width, height)`` box; outside the mask counts as glass."""
+        (x, y), (w, h) = location_xy, size_wh_level0
+        return float(self.box_fractions(np.array([x]), np.array([y]), np.array([w]), np.array([h]))[0])
+
+    def box_fractions(self, x: np.ndarray, y: np.ndarray, width: np.ndarray, height: np.ndarray) -> np.ndarray:
+        """Tissue fraction of many level-0 boxes at once, from a summed-area table of the mask.
+
+        A box covers every mask pixel it touches, so the fraction is over whole mask pixels.
+        """
+        ds = self.downsample
+        c0, r0 = np.floor(x / ds).astype(np.int64), np.floor(y / ds).astype(np.int64)
+        c1 = np.maximum(np.ceil((x + width) / ds).astype(np.int64), c0 + 1)
+        r1 = np.maximum(np.ceil((y + height) / ds).astype(np.int64), r0 + 1)
+        rows, cols = self.mask.shape
+        table = np.zeros((rows + 1, cols + 1), dtype=np.int64)
+        table[1:, 1:] = self.mask.cumsum(0).cumsum(1)
+        cr0, cr1 = np.clip(r0, 0, rows), np.clip(r1, 0, rows)
+        cc0, cc1 = np.clip(c0, 0, cols), np.clip(c1, 0, cols)
+        inside = table[cr1, cc1] - table[cr0, cc1] - table[cr1, cc0] + table[cr0, cc0]
+        return inside / ((r1 - r0) * (c1 - c0))
+
+
+def _thumbnail(slide: Slide, level: int, factor: int) -> np.ndarray:
+    """Read a whole level block by block, shrinking each block by ``factor``, so memory stays bounded."""
+    level_w, level_h = slide.level_dimensions[level]
+    ds = slide.level_downsamples[level]
+    step = max(1, _BLOCK_PIXELS // factor) * factor
+    out = np.empty((-(-level_h // factor), -(-level_w // factor), 3), dtype=np.uint8)
+    for row in range(0, level_h, step):
+        for col in range(0, level_w, step):
+            block = slide.read_region((round(col * ds), round(row * ds)), (step, step), level)
+            small = downscale_local_mean(block, (factor, factor, 1)) if factor > 1 else block
+            r, c = row // factor, col // factor
+            part = out[r : r + small.shape[0], c : c + small.shape[1]]
+            part[:] = np.round(small[: part.shape[0], : part.shape[1]])
+    return out
+
+
+def _working_resolution(slide: Slide, mpp: float, level: int | None, level0_mpp: float) -> tuple[int, int]:
+    """The level to read and the integer shrink factor that bring it closest to ``mpp`` without going coarser."""
+    if level is not None:
+        return level, 1
+    target = max(mpp / level0_mpp, 1.0)
+    fine_enough = [i for i, ds in enumerate(slide.level_downsamples) if ds <= target * 1.001]
+    level = fine_enough[-1] if fine_enough else 0
+    return level, max(1, int(target / slide.level_downsamples[level] + 1e-6))
+
+
+def _saturation_threshold(saturation: np.ndarray, min_saturation: float) -> float:
+    """Otsu threshold of the saturation, floored so glass-only (or constant) images yield no tissue."""
+    if saturation.size == 0 or np.ptp(saturation) < 1e-3:
+        return min_saturation
+    return max(float(threshold_otsu(saturation)), min_saturation)
+
+
+def detect_tissue(
+    slide: Slide,
+    mpp: float = 8.0,
+    level: int | None = None,
+    threshold: float | None = None,
+    min_area_um2: float = 20_000.0,
+    max_hole_um2: float = 20_000.0,
+    min_saturation: float = 0.05,
+    dark_value: float = 0.15,
+    mpp_override: float | None = None,
+) -> TissueMask:
+    """Detect tissue on a low-resolution copy of the slide.
+
+    Args:
+        slide: the open slide.
+        mpp: microns per pixel of the mask; the coarsest level at least this fine is read and shrunk to it.
+        level: read this level as is instead of choosing one by ``mpp``.
+        threshold: saturation threshold in [0, 1]; None uses Otsu's (floored at ``min_saturation``).
+        min_area_um2: tissue pieces smaller than this are dropped.
+        max_hole_um2: holes smaller than this inside tissue are filled.
+        min_saturation: the lowest threshold Otsu may pick; keeps glass noise out of blank slides.
+        dark_value: pixels whose HSV value is below this are never tissue (black fill, debris).
+        mpp_override: level-0 microns per pixel for slides without (or with wrong) metadata.
+    """
+    level0_mpp = mpp_override or (slide.mpp[0] if slide.mpp else None)
+    if level0_mpp is None:
+        warnings.warn(
+            f"{slide.path} has no mpp metadata; assuming {ASSUMED_LEVEL0_MPP} um/px at level 0 to size the tissue "
+            "mask (pass mpp_override to set it)",
+            stacklevel=2,
+        )
+        level0_mpp = ASSUMED_LEVEL0_MPP
+    read_level, factor = _working_resolution(slide, mpp, level, level0_mpp)
+    thumbnail = _thumbnail(slide, read_level, factor)
+    downsample = slide.level_downsamples[read_level] * factor
+    hsv = rgb2hsv(thumbnail)
+    saturation, usable = hsv[..., 1], hsv[..., 2] >= dark_value
+    used = _saturation_threshold(saturation[usable], min_saturation) if threshold is None else float(threshold)
+    pixel_um2 = (level0_mpp * downsample) ** 2
+    mask = closing((saturation > used) & usable, disk(2))
+    mask = remove_small_holes(mask, max_size=int(max_hole_um2 / pixel_um2))
+    mask = remove_small_objects(mask, max_size=int(min_area_um2 / pixel_um2))
+    if not mask.any():
+        warnings.warn(f"no tissue found in {slide.path} (saturation threshold {used:.3f})", stacklevel=2)
+    return TissueMask(mask=mask, downsample=downsample, threshold=used, thumbnail=thumbnail)
+
+
+def save_tissue_png(
+    tissue: TissueMask, path: str | os.PathLike, thumbnail: np.ndarray | None = None
+) -> list[Path]:
+    """Write the mask as a 0/255 PNG and, given a thumbnail, ``<stem>_overlay.png`` with tissue tinted green."""
+    path = Path(path)
+    imsave(path, (tissue.mask * 255).astype(np.uint8), check_contrast=False)
+    if thumbnail is None:
+        return [path]
+    if thumbnail.shape[:2] != tissue.mask.shape:
+        raise ValueError(f"{path}: thumbnail {thumbnail.shape[:2]} does not match the mask {tissue.mask.shape}")
+    overlay = thumbnail.astype(np.float32)
+    overlay[tissue.mask] = 0.6 * overlay[tissue.mask] + 0.4 * np.array([0, 200, 0])
+    overlay[find_boundaries(tissue.mask, mode="inner")] = (0, 160, 0)
+    overlay_path = path.with_name(f"{path.stem}_overlay.png")
+    imsave(overlay_path, overlay.astype(np.uint8), check_contrast=False)
+    return [path, overlay_path]
+
+
+def _mask_geometry(mask: np.ndarray) -> shapely.Geometry:
+    """Polygons with holes tracing a boolean mask, in mask (col, row) pixel-centre coordinates.
+
+    The contours of a binary mask never cross, so XOR-ing all of them nests holes inside their outlines.
+    """
+    contours = find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
+    rings = [Polygon(c[:, ::-1] - 1.0) for c in contours if len(c) >= 4]
+    return shapely.symmetric_difference_all([r.buffer(0) for r in rings if r.area > 0])
+
+
+def tissue_geojson(tissue: TissueMask, simplify_px: float = 1.0) -> dict:
+    """QuPath GeoJSON FeatureCollection of the tissue: one annotation per piece, LEVEL-0 ``(x, y)`` pixels."""
+    geometry = _mask_geometry(tissue.mask).simplify(simplify_px)
+    ds = tissue.downsample
+    # mask pixel (col, row) centre sits at level-0 ((col + 0.5) * ds, (row + 0.5) * ds)
+    geometry = affine_transform(geometry, [ds, 0, 0, ds, 0.5 * ds, 0.5 * ds])
+    pieces = [g for g in getattr(geometry, "geoms", [geometry]) if not g.is_empty]
+    features = [
+        {
+            "type": "Feature",
+            "geometry": mapping(piece),
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": "Tissue", "color": [0, 160, 0]},
+                "saturationThreshold": tissue.threshold,
+            },
+        }
+        for piece in pieces
+    ]
+    return {"type": "FeatureCollection", "features": features}
+
+
+def save_tissue_geojson(tissue: TissueMask, path: str | os.PathLike) -> Path:
+    """Write :func:`tissue_geojson` to ``path`` for QuPath (File > Import objects)."""
+    path = Path(path)
+    path.write_text(json.dumps(tissue_geojson(tissue)))
+    return path
