@@ -51,10 +51,15 @@ def test_mask_without_image_is_warned_about(patch_root):
     assert "ghost" not in {item["name"] for item in items}
 
 
-def test_ambiguous_names_and_missing_split(patch_root):
+def test_stem_in_pos_and_neg_gets_unique_names(patch_root):
     _touch(patch_root / "test" / "neg" / "a.png")
-    with pytest.raises(ValueError, match=r"both pos and neg.*'a'"):
-        patch_folder_datalist(patch_root, "test")
+    items = {item["name"]: item for item in patch_folder_datalist(patch_root, "test")}
+    assert items["pos_a"]["label"] == 1 and items["pos_a"]["mask"].endswith("gt/a.png")
+    assert items["neg_a"]["label"] == 0 and items["neg_a"]["mask"] is None
+    assert "b10" in items
+
+
+def test_clashing_stems_and_missing_split(patch_root):
     _touch(patch_root / "test" / "pos" / "b10.jpg")
     with pytest.raises(ValueError, match=r"share the stem 'b10'"):
         patch_folder_datalist(patch_root, "test")

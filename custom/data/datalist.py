@@ -50,6 +50,8 @@ def patch_folder_datalist(root: str | os.PathLike, split: str, require_masks: bo
     ``require_masks`` (default: True only for the "test" split, which is scored against masks) makes a pos image
     without a gt file an error; otherwise its mask is None, as training uses only image-level labels.
     Negatives have mask None (all-zero by definition). A gt file without a pos image is warned about and ignored.
+    ``name`` is the file stem, prefixed ``pos_`` / ``neg_`` when both folders hold that stem (EBHI-Seg does), so
+    names stay unique for output files.
     """
     folder = Path(root) / split
     if not folder.is_dir():
@@ -58,14 +60,20 @@ def patch_folder_datalist(root: str | os.PathLike, split: str, require_masks: bo
     pos, neg, gt = (_images_by_stem(folder / name) for name in ("pos", "neg", "gt"))
     if not pos and not neg:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder / 'pos'} or {folder / 'neg'}")
-    if both := sorted(pos.keys() & neg.keys()):
-        raise ValueError(f"{folder}: image name(s) in both pos and neg, so the label is ambiguous: {both[:5]}")
     if require_masks and (missing := sorted(pos.keys() - gt.keys())):
         raise ValueError(f"{folder / 'pos'}: {len(missing)} image(s) have no mask in {folder / 'gt'}: {missing[:5]}")
     if orphans := sorted(gt.keys() - pos.keys()):
         warnings.warn(f"{folder / 'gt'}: {len(orphans)} mask(s) without a pos image are ignored: {orphans[:5]}")
-    items = [{"image": str(p), "label": 1, "mask": str(gt[s]) if s in gt else None, "name": s} for s, p in pos.items()]
-    items += [{"image": str(p), "label": 0, "mask": None, "name": s} for s, p in neg.items()]
+    shared = pos.keys() & neg.keys()
+
+    def name(folder_name: str, stem: str) -> str:
+        return f"{folder_name}_{stem}" if stem in shared else stem
+
+    items = [
+        {"image": str(p), "label": 1, "mask": str(gt[s]) if s in gt else None, "name": name("pos", s)}
+        for s, p in pos.items()
+    ]
+    items += [{"image": str(p), "label": 0, "mask": None, "name": name("neg", s)} for s, p in neg.items()]
     return items
 
 
