@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from skimage.measure import block_reduce
 
 __all__ = ["TileSource", "pyramid_shapes", "downsample2", "write_pyramid"]
 
@@ -46,7 +45,7 @@ def pyramid_shapes(shape_hw: tuple[int, int], tile: int = 256) -> list[tuple[int
 
 
 def downsample2(image: np.ndarray, method: str) -> np.ndarray:
-    """Halve a (H, W, C) uint8 array: 'mean' (rounded) for images, 'max'/'nearest' so label masks keep their values.
+    """Halve a (H, W, C) uint8 array: 'mean' (rounded half up) for images, 'max'/'nearest' so labels keep their values.
 
     An odd edge is padded by repeating the last row/column, which is what the tiles' own edge padding gives.
     """
@@ -54,11 +53,11 @@ def downsample2(image: np.ndarray, method: str) -> np.ndarray:
         raise ValueError(f"downsample must be one of {sorted(_REDUCERS)}, got {method!r}")
     if method == "nearest":
         return image[::2, ::2]
-    pad = ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0))
-    padded = np.pad(image, pad, mode="edge")
+    padded = np.pad(image, ((0, image.shape[0] % 2), (0, image.shape[1] % 2), (0, 0)), mode="edge")
+    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2, padded.shape[2])
     if method == "max":
-        return block_reduce(padded, (2, 2, 1), np.max)
-    return np.rint(block_reduce(padded, (2, 2, 1), np.mean)).astype(np.uint8)
+        return blocks.max(axis=(1, 3))
+    return ((blocks.sum(axis=(1, 3), dtype=np.uint16) + 2) // 4).astype(np.uint8)  # rounded mean
 
 
 def _pad_tile(tile_array: np.ndarray, tile: int) -> np.ndarray:

@@ -1,0 +1,533 @@
+"""H&E-like synthetic whole-slide images with tumour masks, ASAP XML annotations and a 256x256 crop data set.
+
+Tumour differs from normal tissue in morphology, not colour: normal tissue is pink stroma with sparse spindle nuclei
+and regular glands (rings of small round nuclei around white lumens); tumour is crowded, large, irregular,
+disorganised nuclei on the same stroma, drawn from the same stain colours. Tumour regions are smooth polygons in
+level-0 ``(x, y)`` pixels inside the tissue; they alone define the pixel masks and the XML.
+
+Rendering is tile-local: every random quantity is a hash of (slide seed, object kind, grid cell, slot), so a tile
+depends only on its position and slides of any size are written tile by tile with flat memory.
+Arrays and tile requests are in numpy ``(row, col)`` order; polygons and crop names are ``(x, y)``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.path import Path as MplPath
+from PIL import Image
+from skimage.draw import polygon as draw_polygon
+
+from custom.writers.asap_xml import write_asap_xml
+from custom.writers.pyramid_tiff import write_pyramid
+
+__all__ = [
+    "SyntheticSpec",
+    "SlideLayout",
+    "make_layout",
+    "render_tile",
+    "render_mask",
+    "tissue_fraction",
+    "generate_dataset",
+    "ensure_sample_data",
+    "COMPLETE_MARKER",
+]
+
+COMPLETE_MARKER = ".complete.json"
+"""Written last into a finished data set folder; holds the spec it was generated from."""
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Every knob of the synthetic data set; its defaults are the project's embedded sample data."""
+
+    n_slides: int = 8
+    size: int = 4096
+    seed: int = 0
+    mpp: float = 0.5
+    patches_per_slide: int = 32
+    patch_size: int = 256
+    test_fraction: float = 0.25
+    tile: int = 256
+
+
+# Stain colours (RGB) shared by tumour and normal tissue, so that colour alone cannot tell them apart.
+_BACKGROUND = np.array([243.0, 242.0, 245.0], np.float32)
+_STROMA = np.array([232.0, 162.0, 200.0], np.float32)
+_EPITHELIUM = np.array([214.0, 150.0, 196.0], np.float32)
+_LUMEN = np.array([240.0, 232.0, 240.0], np.float32)
+_NUCLEUS = np.array([92.0, 58.0, 140.0], np.float32)
+
+_NUCLEUS_CELL = 32  # grid cell (pixels) of tumour and stromal nuclei
+_NUCLEUS_SLOTS = 10  # candidate nuclei per cell; each kept with its region's probability
+_NUCLEUS_MARGIN = 12  # largest nucleus radius, so neighbouring cells' nuclei that reach into a tile are drawn
+_GLAND_CELL = 160  # grid cell (pixels) of normal glands, at most one per cell
+_GLAND_MARGIN = 60  # largest gland radius (lumen + epithelium)
+_EPITHELIUM_WIDTH = 12.0
+
+# hash keys: one per kind of random object, so that streams never collide
+_KEY_NUCLEUS, _KEY_GLAND, _KEY_EPITHELIUM, _KEY_NOISE, _KEY_STROMA_COARSE, _KEY_STROMA_FINE = range(6)
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a cheap, well-spread 64-bit integer hash."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def _hash_uniform(seed: int, *keys: np.ndarray | int) -> np.ndarray:
+    """Uniform [0, 1) numbers that are a pure function of (seed, keys): the basis of tile-local rendering."""
+    arrays = np.broadcast_arrays(*[np.asarray(k, np.int64) for k in keys])
+    h = np.full(arrays[0].shape, (seed * 0x9E3779B97F4A7C15 + 1) % 2**64, np.uint64)
+    for key in arrays:
+        h = _mix(h ^ (key.view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)))
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _interpolation_weights(coords: np.ndarray, spacing: int) -> tuple[np.ndarray, int]:
+    """(len(coords), n_lattice) smoothstep interpolation matrix from lattice points to pixels, and the first lattice index."""
+    lattice = coords // spacing
+    frac = (coords % spacing) / spacing
+    frac = frac * frac * (3 - 2 * frac)
+    first = int(lattice[0])
+    weights = np.zeros((len(coords), int(lattice[-1]) - first + 2), np.float32)
+    index = np.arange(len(coords))
+    weights[index, lattice - first] = 1 - frac
+    weights[index, lattice - first + 1] = frac
+    return weights, first
+
+
+def _value_noise(seed: int, key: int, rows: np.ndarray, cols: np.ndarray, spacing: int) -> np.ndarray:
+    """Smooth [0, 1) noise on a (rows x cols) pixel grid: hashed lattice values interpolated as W_rows @ L @ W_cols.T."""
+    w_rows, first_row = _interpolation_weights(rows, spacing)
+    w_cols, first_col = _interpolation_weights(cols, spacing)
+    grid_rows = np.arange(first_row, first_row + w_rows.shape[1])
+    grid_cols = np.arange(first_col, first_col + w_cols.shape[1])
+    lattice = _hash_uniform(seed, key, grid_rows[:, None], grid_cols[None, :]).astype(np.float32)
+    return w_rows @ lattice @ w_cols.T
+
+
+@dataclass(frozen=True)
+class _Blob:
+    """A smooth irregular star-shaped region: radius(theta) = radius * (1 + sum_k amps_k cos(k theta + phases_k))."""
+
+    cx: float
+    cy: float
+    radius: float
+    amps: tuple[float, ...]
+    phases: tuple[float, ...]
+
+    def radius_at(self, theta: np.ndarray) -> np.ndarray:
+        """Boundary distance from the centre in direction theta."""
+        wobble = sum(a * np.cos((k + 2) * theta + p) for k, (a, p) in enumerate(zip(self.amps, self.phases)))
+        return self.radius * (1 + wobble)
+
+    def alpha(self, row: int, col: int, height: int, width: int) -> np.ndarray | float:
+        """Tissue opacity of a level-0 region (2-pixel soft edge); a scalar when the region is wholly in or out."""
+        near_x, near_y = np.clip(self.cx, col, col + width - 1), np.clip(self.cy, row, row + height - 1)
+        far_x = max(abs(col - self.cx), abs(col + width - 1 - self.cx))
+        far_y = max(abs(row - self.cy), abs(row + height - 1 - self.cy))
+        wobble = sum(self.amps)
+        if np.hypot(near_x - self.cx, near_y - self.cy) > self.radius * (1 + wobble) + 2:
+            return 0.0
+        if np.hypot(far_x, far_y) < self.radius * (1 - wobble) - 2:
+            return 1.0
+        dx = np.arange(col, col + width, dtype=np.float32)[None, :] - np.float32(self.cx)
+        dy = np.arange(row, row + height, dtype=np.float32)[:, None] - np.float32(self.cy)
+        return np.clip((self.radius_at(np.arctan2(dy, dx)) - np.hypot(dx, dy)) / 2 + 0.5, 0, 1)
+
+    def inside(self, x: np.ndarray, y: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """Signed distance-like margin test: True where (x, y) is at least ``margin`` pixels inside."""
+        dx, dy = x - self.cx, y - self.cy
+        return np.hypot(dx, dy) + margin < self.radius_at(np.arctan2(dy, dx))
+
+    def polygon(self, n_vertices: int = 160) -> np.ndarray:
+        """(n, 2) level-0 (x, y) vertices of the boundary."""
+        theta = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)
+        r = self.radius_at(theta)
+        return np.stack([self.cx + r * np.cos(theta), self.cy + r * np.sin(theta)], axis=1)
+
+
+def _random_blob(rng: np.random.Generator, cx: float, cy: float, radius: float, roughness: float) -> _Blob:
+    """A blob with random low-order wobble (orders 2-5), amplitudes summing to at most ``roughness``."""
+    amps = rng.dirichlet(np.ones(4)) * roughness * rng.uniform(0.6, 1.0)
+    return _Blob(cx, cy, radius, tuple(amps.tolist()), tuple(rng.uniform(0, 2 * np.pi, 4).tolist()))
+
+
+@dataclass(frozen=True)
+class SlideLayout:
+    """Everything that defines one square slide: size, tissue blobs, tumour polygons and its hash seed."""
+
+    size: int
+    seed: int
+    tissue: tuple[_Blob, ...]
+    tumours_xy: tuple[np.ndarray, ...]
+
+    @property
+    def tumour_paths(self) -> list[MplPath]:
+        """Tumour polygons as matplotlib paths, for point-in-tumour tests of nucleus centres."""
+        return [MplPath(p) for p in self.tumours_xy]
+
+    def in_tissue(self, x: np.ndarray, y: np.ndarray, margin: float = 0.0) -> np.ndarray:
+        """True where level-0 (x, y) lies inside a tissue blob by at least ``margin`` pixels."""
+        return np.logical_or.reduce([blob.inside(x, y, margin) for blob in self.tissue])
+
+    def in_tumour(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """True where level-0 (x, y) lies inside a tumour polygon."""
+        points = np.stack([np.ravel(x), np.ravel(y)], axis=1)
+        hits = np.zeros(len(points), bool)
+        for path in self.tumour_paths:
+            hits |= path.contains_points(points)
+        return hits.reshape(np.shape(x))
+
+
+def _tissue_blobs(rng: np.random.Generator, size: int) -> tuple[_Blob, ...]:
+    """One or two tissue blobs covering roughly 30-50% of the slide, redrawn until they do."""
+    while True:
+        if rng.random() < 0.5:
+            blobs = (_random_blob(rng, *(size * (0.5 + rng.uniform(-0.04, 0.04, 2))), size * rng.uniform(0.33, 0.38), 0.25),)
+        else:
+            offset = size * rng.uniform(0.2, 0.23)
+            angle = rng.uniform(0, np.pi)
+            blobs = tuple(
+                _random_blob(rng, size / 2 + s * offset * np.cos(angle), size / 2 + s * offset * np.sin(angle), size * rng.uniform(0.23, 0.27), 0.25)
+                for s in (-1, 1)
+            )
+        layout = SlideLayout(size, 0, blobs, ())
+        inside_slide = all(((b.polygon(64) > 0.02 * size) & (b.polygon(64) < 0.98 * size)).all() for b in blobs)
+        if inside_slide and 0.3 <= tissue_fraction(layout) <= 0.5:
+            return blobs
+
+
+def _tumour_polygons(rng: np.random.Generator, layout: SlideLayout, count: int) -> tuple[np.ndarray, ...]:
+    """``count`` smooth tumour polygons, each lying inside the tissue with a margin and not overlapping another."""
+    polygons: list[np.ndarray] = []
+    margin = 0.02 * layout.size
+    while len(polygons) < count:
+        blob = layout.tissue[rng.integers(len(layout.tissue))]
+        theta, reach = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.6)
+        r = reach * blob.radius_at(np.array(theta))
+        candidate = _random_blob(rng, blob.cx + r * np.cos(theta), blob.cy + r * np.sin(theta), layout.size * rng.uniform(0.05, 0.11), 0.3)
+        vertices = candidate.polygon()
+        inside = layout.in_tissue(vertices[:, 0], vertices[:, 1], margin).all()
+        apart = all(not MplPath(p).contains_points(vertices).any() and not MplPath(vertices).contains_points(p).any() for p in polygons)
+        if inside and apart:
+            polygons.append(vertices)
+    return tuple(polygons)
+
+
+def make_layout(seed: int, index: int, size: int, positive: bool) -> SlideLayout:
+    """The layout of slide ``index`` of a data set: deterministic in (seed, index, size, positive)."""
+    if size < 512:
+        raise ValueError(f"slide size must be at least 512 pixels, got {size}")
+    rng = np.random.default_rng([seed, index, size])
+    tissue = _tissue_blobs(rng, size)
+    slide_seed = int(rng.integers(2**62))
+    layout = SlideLayout(size, slide_seed, tissue, ())
+    if not positive:
+        return layout
+    return SlideLayout(size, slide_seed, tissue, _tumour_polygons(rng, layout, int(rng.integers(1, 4))))
+
+
+def tissue_fraction(layout: SlideLayout, step: int = 16) -> float:
+    """Fraction of the slide covered by tissue, estimated on a grid every ``step`` pixels."""
+    centres = np.arange(step // 2, layout.size, step, dtype=float)
+    return float(layout.in_tissue(centres[None, :], centres[:, None]).mean())
+
+
+def render_mask(layout: SlideLayout, row: int, col: int, height: int, width: int) -> np.ndarray:
+    """(height, width) uint8 tumour mask (0 or 255) of a level-0 region at (row, col): the tumour polygons rasterised."""
+    mask = np.zeros((height, width), np.uint8)
+    for polygon_xy in layout.tumours_xy:
+        x, y = polygon_xy[:, 0] - col, polygon_xy[:, 1] - row
+        if x.max() < 0 or y.max() < 0 or x.min() >= width or y.min() >= height:
+            continue
+        rr, cc = draw_polygon(y, x, shape=(height, width))
+        mask[rr, cc] = 255
+    return mask
+
+
+def _nuclei(layout: SlideLayout, row: int, col: int, height: int, width: int) -> np.ndarray:
+    """Tumour and stromal nuclei that may reach into the region: rows of (x, y, a, b, angle, irregularity, phase, darkness)."""
+    cell, reach = _NUCLEUS_CELL, _NUCLEUS_MARGIN
+    cy = np.arange((row - reach) // cell, (row + height + reach) // cell + 1)
+    cx = np.arange((col - reach) // cell, (col + width + reach) // cell + 1)
+    u = _hash_uniform(layout.seed, _KEY_NUCLEUS, cy[:, None, None, None], cx[None, :, None, None], np.arange(_NUCLEUS_SLOTS)[None, None, :, None], np.arange(9)[None, None, None, :])
+    u = u.reshape(-1, 9)
+    cyy, cxx = np.meshgrid(cy, cx, indexing="ij")
+    x = (np.repeat(cxx.ravel(), _NUCLEUS_SLOTS) + u[:, 0]) * cell
+    y = (np.repeat(cyy.ravel(), _NUCLEUS_SLOTS) + u[:, 1]) * cell
+    tissue = layout.in_tissue(x, y)
+    tumour = tissue & layout.in_tumour(x, y) if layout.tumours_xy else np.zeros_like(tissue)
+    keep = np.where(tumour, u[:, 2] < 0.62, tissue & (u[:, 2] < 0.1))
+    # tumour: large, pleomorphic, irregular, variably dark; stroma: thin spindles
+    a = np.where(tumour, 5.5 + 3.5 * u[:, 3], 5.0 + 3.0 * u[:, 3])
+    b = np.where(tumour, a * (0.55 + 0.45 * u[:, 4]), 1.8 + 1.0 * u[:, 4])
+    irregularity = np.where(tumour, 0.08 + 0.22 * u[:, 6], 0.0)
+    darkness = np.where(tumour, 0.8 + 0.35 * u[:, 8], 0.9 + 0.15 * u[:, 8])
+    nuclei = np.stack([x, y, a, b, np.pi * u[:, 5], irregularity, 2 * np.pi * u[:, 7], darkness], axis=1)
+    return nuclei[keep]
+
+
+def _glands(layout: SlideLayout, row: int, col: int, height: int, width: int) -> np.ndarray:
+    """Normal glands near the region: rows of (x, y, lumen semi-axis a, b, angle, gland row, gland col)."""
+    cell, reach = _GLAND_CELL, _GLAND_MARGIN
+    gy = np.arange((row - reach) // cell, (row + height + reach) // cell + 1)
+    gx = np.arange((col - reach) // cell, (col + width + reach) // cell + 1)
+    gyy, gxx = [g.ravel() for g in np.meshgrid(gy, gx, indexing="ij")]
+    u = _hash_uniform(layout.seed, _KEY_GLAND, gyy[:, None], gxx[:, None], np.arange(6)[None, :])
+    x, y = (gxx + 0.35 + 0.3 * u[:, 0]) * cell, (gyy + 0.35 + 0.3 * u[:, 1]) * cell
+    a = 20.0 + 16.0 * u[:, 2]
+    b = a * (0.65 + 0.35 * u[:, 3])
+    outer = a + _EPITHELIUM_WIDTH + 6
+    ring = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    ring_x, ring_y = x[:, None] + outer[:, None] * np.cos(ring), y[:, None] + outer[:, None] * np.sin(ring)
+    keep = (u[:, 5] < 0.6) & layout.in_tissue(ring_x, ring_y).all(axis=1)
+    if layout.tumours_xy:
+        keep &= ~layout.in_tumour(np.c_[x, ring_x], np.c_[y, ring_y]).any(axis=1)
+    return np.stack([x, y, a, b, np.pi * u[:, 4], gyy, gxx], axis=1)[keep]
+
+
+def _epithelial_nuclei(layout: SlideLayout, glands: np.ndarray) -> np.ndarray:
+    """Regular rings of small round nuclei around each gland lumen, in the layout of ``_nuclei``."""
+    rings = []
+    for x, y, a, b, angle, gy, gx in glands:
+        count = int(2 * np.pi * np.sqrt((a * a + b * b) / 2) / 9)
+        u = _hash_uniform(layout.seed, _KEY_EPITHELIUM, int(gy), int(gx), np.arange(count)[:, None], np.arange(4)[None, :])
+        t = 2 * np.pi * (np.arange(count) + 0.15 * u[:, 0]) / count
+        ex, ey = (a + 5) * np.cos(t), (b + 5) * np.sin(t)
+        radius = 3.3 + 0.9 * u[:, 1]
+        rings.append(
+            np.stack(
+                [
+                    x + ex * np.cos(angle) - ey * np.sin(angle),
+                    y + ex * np.sin(angle) + ey * np.cos(angle),
+                    radius,
+                    radius * (0.85 + 0.15 * u[:, 2]),
+                    t,
+                    np.zeros(count),
+                    2 * np.pi * u[:, 3],
+                    np.full(count, 0.95),
+                ],
+                axis=1,
+            )
+        )
+    return np.concatenate(rings) if rings else np.zeros((0, 8))
+
+
+def _paint_glands(image: np.ndarray, tissue: np.ndarray, glands: np.ndarray, row: int, col: int) -> None:
+    """Draw each gland's epithelial band and white lumen into the (row, col)-anchored RGB float image."""
+    height, width = tissue.shape
+    for x, y, a, b, angle, _, _ in glands:
+        extent = a + _EPITHELIUM_WIDTH + 2
+        r0, r1 = max(int(y - extent) - row, 0), min(int(y + extent) + 1 - row, height)
+        c0, c1 = max(int(x - extent) - col, 0), min(int(x + extent) + 1 - col, width)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        dy, dx = np.mgrid[r0 + row : r1 + row, c0 + col : c1 + col].astype(np.float32)
+        dx, dy = dx - x, dy - y
+        u = dx * np.cos(angle) + dy * np.sin(angle)
+        v = -dx * np.sin(angle) + dy * np.cos(angle)
+        q = np.sqrt((u / a) ** 2 + (v / b) ** 2) * a  # approximate distance-from-centre in lumen-radius pixels
+        band = np.clip(a + _EPITHELIUM_WIDTH - q, 0, 1)[..., None] * tissue[r0:r1, c0:c1, None]
+        lumen = np.clip(a - q, 0, 1)[..., None] * tissue[r0:r1, c0:c1, None]
+        patch = image[r0:r1, c0:c1]
+        patch[:] = patch * (1 - band) + _EPITHELIUM * band
+        patch[:] = patch * (1 - lumen) + _LUMEN * lumen
+
+
+def _paint_nuclei(image: np.ndarray, texture: np.ndarray, nuclei: np.ndarray, row: int, col: int) -> None:
+    """Alpha-blend each (possibly irregular, rotated) elliptical nucleus with chromatin texture into the image."""
+    height, width = image.shape[:2]
+    for x, y, a, b, angle, irregularity, phase, darkness in nuclei:
+        extent = a * (1 + irregularity) + 1
+        r0, r1 = max(int(y - extent) - row, 0), min(int(y + extent) + 2 - row, height)
+        c0, c1 = max(int(x - extent) - col, 0), min(int(x + extent) + 2 - col, width)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        dy = np.arange(r0 + row, r1 + row, dtype=np.float32)[:, None] - np.float32(y)
+        dx = np.arange(c0 + col, c1 + col, dtype=np.float32)[None, :] - np.float32(x)
+        cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+        u, v = dx * cos + dy * sin, dy * cos - dx * sin
+        q = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+        if irregularity > 0:
+            theta = np.arctan2(v, u)
+            q /= 1 + irregularity * (0.6 * np.cos(2 * theta + phase) + 0.4 * np.cos(3 * theta + 2 * phase))
+        alpha = (np.clip((1 - q) * b, 0, 1) * 0.9)[..., None]
+        colour = _NUCLEUS * darkness * texture[r0:r1, c0:c1, None]
+        patch = image[r0:r1, c0:c1]
+        patch += (colour - patch) * alpha
+
+
+def render_tile(layout: SlideLayout, row: int, col: int, height: int, width: int) -> np.ndarray:
+    """(height, width, 3) uint8 RGB of the level-0 region whose top-left pixel is (row, col); a function of position."""
+    rows = np.arange(row, row + height)
+    cols = np.arange(col, col + width)
+    tissue = np.zeros((height, width), np.float32)
+    for blob in layout.tissue:
+        tissue = np.maximum(tissue, blob.alpha(row, col, height, width))
+    # one 64-bit hash per pixel, split into three 16-bit uniforms: per-channel pixel noise
+    bits = (_hash_uniform(layout.seed, _KEY_NOISE, rows[:, None], cols[None, :]) * 2.0**48).astype(np.uint64)
+    noise = np.stack([(bits >> np.uint64(16 * k)) & np.uint64(0xFFFF) for k in range(3)], axis=-1).astype(np.float32) / 65536
+
+    image = np.broadcast_to(_BACKGROUND, (height, width, 3)).copy()
+    if tissue.any():
+        coarse = _value_noise(layout.seed, _KEY_STROMA_COARSE, rows, cols, 96)
+        fine = _value_noise(layout.seed, _KEY_STROMA_FINE, rows, cols, 6)
+        stroma = _STROMA * (0.93 + 0.14 * coarse[..., None]) + 22 * (fine[..., None] - 0.5)
+        image += (stroma - _BACKGROUND) * tissue[..., None]
+        glands = _glands(layout, row, col, height, width)
+        _paint_glands(image, tissue, glands, row, col)
+        nuclei = np.concatenate([_nuclei(layout, row, col, height, width), _epithelial_nuclei(layout, glands)])
+        _paint_nuclei(image, 0.85 + 0.3 * noise[..., 0], nuclei, row, col)
+    image += 10 * (noise - 0.5)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _slide_labels(spec: SyntheticSpec) -> list[tuple[str, int, str]]:
+    """(name, label, split) per slide: alternating positive/negative, the last of each label held out for test."""
+    slides = [(f"slide_{i:03d}", 1 - i % 2) for i in range(spec.n_slides)]
+    splits = {}
+    for label in (0, 1):
+        names = [name for name, lab in slides if lab == label]
+        n_test = max(1, round(spec.test_fraction * len(names))) if len(names) >= 2 else 0
+        splits.update({name: "test" if i >= len(names) - n_test else "train" for i, name in enumerate(names)})
+    return [(name, label, splits[name]) for name, label in slides]
+
+
+def _crop_fractions(layout: SlideLayout, row: int, col: int, size: int) -> tuple[float, float]:
+    """(tissue, tumour) fractions of a crop, the tissue one estimated every 8 pixels."""
+    centres = np.arange(4, size, 8, dtype=float)
+    tissue = layout.in_tissue(col + centres[None, :], row + centres[:, None]).mean()
+    tumour = (render_mask(layout, row, col, size, size) > 0).mean() if layout.tumours_xy else 0.0
+    return float(tissue), float(tumour)
+
+
+def _crop_origins(layout: SlideLayout, rng: np.random.Generator, spec: SyntheticSpec, want_tumour: bool, count: int) -> list[tuple[int, int]]:
+    """Top-left (row, col) of crops that are mostly tissue: with a partial tumour fraction, or with no tumour."""
+    size, found, tries = spec.patch_size, [], 0
+    while len(found) < count and tries < 200 * count:
+        tries += 1
+        if want_tumour:
+            polygon = layout.tumours_xy[rng.integers(len(layout.tumours_xy))]
+            x, y = polygon[rng.integers(len(polygon))] + rng.uniform(-0.9, 0.9, 2) * size - size / 2
+        else:
+            x, y = rng.uniform(0, layout.size - size, 2)
+        row, col = int(np.clip(y, 0, layout.size - size)), int(np.clip(x, 0, layout.size - size))
+        tissue, tumour = _crop_fractions(layout, row, col, size)
+        ok = 0.05 <= tumour <= 0.95 if want_tumour else tumour == 0
+        if tissue >= 0.8 and ok and (row, col) not in found:
+            found.append((row, col))
+    return found
+
+
+def _write_patches(layout: SlideLayout, name: str, label: int, index: int, split: str, spec: SyntheticSpec, out: Path) -> dict[str, int]:
+    """Write this slide's crops (and the masks of positive ones) into ``patches/<split>/{pos,neg,gt}``."""
+    rng = np.random.default_rng([spec.seed, index, spec.size, 1])
+    n_pos = round(0.75 * spec.patches_per_slide) if label else 0
+    counts = {}
+    for kind, want_tumour, count in (("pos", True, n_pos), ("neg", False, spec.patches_per_slide - n_pos)):
+        origins = _crop_origins(layout, rng, spec, want_tumour, count)
+        for row, col in origins:
+            stem = f"{name}_x{col}_y{row}"  # level-0 (x, y) of the crop's top-left pixel
+            Image.fromarray(render_tile(layout, row, col, spec.patch_size, spec.patch_size)).save(out / "patches" / split / kind / f"{stem}.png")
+            if want_tumour:
+                Image.fromarray(render_mask(layout, row, col, spec.patch_size, spec.patch_size), mode="L").save(out / "patches" / split / "gt" / f"{stem}.png")
+        counts[kind] = len(origins)
+    return counts
+
+
+def _generate_slide(spec: SyntheticSpec, index: int, name: str, label: int, split: str, out: Path) -> dict:
+    """Write one slide, its mask, its XML and its crops; return its summary row."""
+    layout = make_layout(spec.seed, index, spec.size, positive=bool(label))
+    shape = (spec.size, spec.size)
+    write_pyramid(out / "slides" / f"{name}.tif", lambda r, c, h, w: render_tile(layout, r, c, h, w), shape, 3, spec.mpp, spec.tile)
+    write_pyramid(out / "masks" / f"{name}.tif", lambda r, c, h, w: render_mask(layout, r, c, h, w), shape, 1, spec.mpp, spec.tile)
+    write_asap_xml(out / "annotations" / f"{name}.xml", layout.tumours_xy)
+    counts = _write_patches(layout, name, label, index, split, spec, out)
+    return {"slide": name, "label": label, "split": split, "tumours": len(layout.tumours_xy), **counts}
+
+
+def _readme(spec: SyntheticSpec, rows: list[dict]) -> str:
+    """Plain-text description of what was generated and how, written next to the data."""
+    lines = [
+        "Synthetic H&E-like data generated by custom.data.synthetic (scripts/make_synthetic.py).",
+        f"Spec: {json.dumps(asdict(spec))}",
+        "",
+        f"slides/*.tif       {spec.size}x{spec.size} px RGB, JPEG, tile {spec.tile}, pyramidal BigTIFF, {spec.mpp} um/px at level 0.",
+        "masks/*.tif        tumour ground truth, uint8 0 (background) / 255 (tumour), LZW, same geometry as the slide.",
+        "annotations/*.xml  the same tumour polygons as ASAP XML (group _0), level-0 (x, y); negative slides have none.",
+        "slides.csv         slide,label,mask,annotation (paths relative to this folder; label 1 = contains tumour).",
+        f"patches/{{train,test}}/{{pos,neg,gt}}/*.png  {spec.patch_size}x{spec.patch_size} crops named <slide>_x<X>_y<Y> (level-0 top-left);",
+        "                   pos = tumour covers 5-95% of the crop, gt/<same name>.png its 0/255 mask; neg = no tumour.",
+        "                   Every crop is at least 80% tissue. Train/test are split by slide:",
+        "",
+    ]
+    lines += [f"  {r['slide']}  label={r['label']}  split={r['split']}  tumours={r['tumours']}  pos={r['pos']}  neg={r['neg']}" for r in rows]
+    lines += [
+        "",
+        "Tumour differs from normal tissue by morphology (crowded, large, irregular nuclei; no glands), drawn with the",
+        "same stain colours as normal tissue (pink stroma, purple nuclei, white gland lumens).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, workers: int = 1) -> dict:
+    """Generate the data set into ``out`` (built in a temporary folder, renamed when complete); return a summary.
+
+    ``out`` must not exist or be empty. ``workers`` > 1 renders slides in parallel processes (same bytes either way).
+    """
+    spec = spec or SyntheticSpec()
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out}: already exists and is not empty; remove it or choose another folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        for sub in ("slides", "masks", "annotations", *(f"patches/{s}/{k}" for s in ("train", "test") for k in ("pos", "neg", "gt"))):
+            (building / sub).mkdir(parents=True)
+        jobs = [(spec, i, name, label, split, building) for i, (name, label, split) in enumerate(_slide_labels(spec))]
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                rows = list(pool.map(_generate_slide, *zip(*jobs)))
+        else:
+            rows = [_generate_slide(*job) for job in jobs]
+        with open(building / "slides.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["slide", "label", "mask", "annotation"])
+            writer.writerows([f"slides/{r['slide']}.tif", r["label"], f"masks/{r['slide']}.tif", f"annotations/{r['slide']}.xml"] for r in rows)
+        (building / "README.txt").write_text(_readme(spec, rows))
+        summary = {"spec": asdict(spec), "slides": rows, "seconds": round(time.perf_counter() - start, 2)}
+        (building / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2))
+        if out.exists():
+            out.rmdir()
+        os.replace(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return summary
+
+
+def ensure_sample_data(out: str | os.PathLike, spec: SyntheticSpec | None = None) -> Path:
+    """Return ``out`` holding the sample data set, generating it only if its completion marker is missing."""
+    out, spec = Path(out), spec or SyntheticSpec()
+    marker = out / COMPLETE_MARKER
+    if marker.exists():
+        made_with = json.loads(marker.read_text())["spec"]
+        if made_with != asdict(spec):
+            raise FileExistsError(f"{out}: holds synthetic data made with {made_with}, not the requested {asdict(spec)}")
+        return out
+    generate_dataset(out, spec, workers=min(2, os.cpu_count() or 1))
+    return out
