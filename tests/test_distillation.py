@@ -17,10 +17,10 @@ from custom.losses.distillation import DistillationLoss
 STUDENT = torch.tensor([[[[0.8, 0.2]], [[0.6, 0.4]]], [[[0.1, 0.3]], [[0.2, 0.0]]]])
 TEACHER = torch.tensor([[[[0.9, 0.1]]], [[[0.9, 0.9]]]])  # the negative's teacher map must be ignored
 LABEL = torch.tensor([1, 0])
-# Dice = 1 - 2 sum(p t) / (sum p + sum t) (MONAI smoothing 1e-5 neglected).
-# positive, side:  1 - 2 (0.72 + 0.02) / (1.0 + 1.0) = 0.26;  fused: 1 - 2 (0.54 + 0.04) / 2.0 = 0.42
-# negative, on 1 - p against ones: side 1 - p = [0.9, 0.7]: 1 - 2 * 1.6 / 3.6;  fused [0.8, 1.0]: 1 - 2 * 1.8 / 3.8
-KD = (0.26 + 0.42 + (1 - 3.2 / 3.6) + (1 - 3.6 / 3.8)) / 4
+# Dice = 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), smoothing 1 as in stage 1.
+# positive, side:  1 - (2 (0.72 + 0.02) + 1) / (1.0 + 1.0 + 1) = 1 - 2.48 / 3;  fused: 1 - (2 (0.54 + 0.04) + 1) / 3
+# negative, on 1 - p against ones: side 1 - p = [0.9, 0.7]: 1 - (3.2 + 1) / (3.6 + 1);  fused [0.8, 1.0]: 1 - 4.6 / 4.8
+KD = ((1 - 2.48 / 3) + (1 - 2.16 / 3) + (1 - 4.2 / 4.6) + (1 - 4.6 / 4.8)) / 4
 # WCE on the fused maps. Positive: mask [1, 0], ce = -ln 0.6 at both pixels, equal weights -> -ln 0.6.
 # Negative: target all zero (single class, weight 1), ce = [-ln 0.8, -ln(1 - 1e-6)] -> their mean.
 WCE = (-math.log(0.6) + (-math.log(0.8) - math.log(1 - 1e-6)) / 2) / 2
@@ -31,6 +31,7 @@ def test_loss_hand_computed_with_negative():
     assert terms["loss_kd"].item() == pytest.approx(KD, rel=1e-4)
     assert terms["loss_wce"].item() == pytest.approx(WCE, rel=1e-4)
     assert terms[Keys.LOSS].item() == pytest.approx(KD + 2.0 * WCE, rel=1e-4)
+    assert DistillationLoss().lambda_wce == 0.5  # the reference's balance for three side maps
     assert DistillationLoss(lambda_wce=2.0)(STUDENT, TEACHER, LABEL).item() == pytest.approx(KD + 2.0 * WCE, rel=1e-4)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import DiceLoss
 from monai.utils.enums import CommonKeys as Keys
 from torch.nn.modules.loss import _Loss
 
+from custom.losses.dice import soft_dice_loss
 from custom.losses.weighted_ce import WeightedCELoss
 
 __all__ = ["DistillationLoss"]
@@ -18,35 +18,35 @@ class DistillationLoss(_Loss):
     """
     ``loss = L_kd + lambda_wce * L_wce`` between a student's output and its teacher's (docs/METHOD.md, stage 2).
 
-    - ``L_kd``: soft Dice (MONAI ``DiceLoss``, per image and per map) between every student map (side maps and the
-      fused map) and the teacher's target. ``target="fused"`` (the method): every student map learns the teacher's
-      fused map. ``target="side"`` (ablation): student map k learns teacher map k, so the teacher output must have
-      all ``S + 1`` channels (a teacher forward, not the one-channel pseudo-label cache).
+    - ``L_kd``: soft Dice (``soft_dice_loss``, per image and per map, smoothing 1 as in stage 1) between every
+      student map (side maps and the fused map) and the teacher's target. ``target="fused"`` (the method): every
+      student map learns the teacher's fused map. ``target="side"`` (ablation): student map k learns teacher map k,
+      so the teacher output must have all ``S + 1`` channels (a teacher forward, not the one-channel cache).
       Positive images learn the teacher's map; negative images learn an all-zero mask whatever the teacher says,
       scored as in stage 1 on the inverted maps (``1 - p`` against all ones), since Dice to an empty mask is flat.
     - ``L_wce``: :class:`WeightedCELoss` between the student's fused map and the same (negatives: zero) target.
 
-    Reduction: ``L_kd`` is the mean of the ``B x (S + 1)`` Dice terms and ``L_wce`` the mean over images, so the loss
-    does not depend on the batch size or on the number of side maps. The reference adds ``2 x B x WCE`` to a sum of
-    Dice terms instead; if that sum holds ``n`` Dice terms per batch, the same balance here is
-    ``lambda_wce = 2 * B / n`` (for example 8 for ``n = S + 1 = 4`` batch-level terms at ``B = 16``, 0.5 for
-    ``n = B x (S + 1)`` per-image terms). The default ``lambda_wce = 1`` weighs the two mean terms equally.
+    Reduction: ``L_kd`` is the mean of the ``B x (S + 1)`` per-image Dice terms and ``L_wce`` the mean over images,
+    so the loss does not depend on the batch size. The reference adds ``2 x B x WCE`` to the sum of those
+    ``B x (S + 1)`` terms; dividing by ``B x (S + 1)`` gives ``mean Dice + 2 / (S + 1) x WCE``, so its balance is
+    ``lambda_wce = 2 / (S + 1)``: the default 0.5 is the reference's for DWS-MIL's three side maps.
+    (Were the reference's Dice terms batch-level, ``S + 1`` of them, the equivalent would be ``2 B / (S + 1)``.)
 
     Args:
         lambda_wce: weight of ``L_wce``.
         use_wce: False drops ``L_wce`` (ablation: Dice distillation only); it is then reported as 0.
         wce_threshold: teacher probabilities at or above it are foreground for ``L_wce``.
         target: ``"fused"`` or ``"side"``, see above.
-        smooth: Dice numerator and denominator smoothing (MONAI's ``smooth_nr`` / ``smooth_dr``).
+        smooth: Dice numerator and denominator smoothing.
     """
 
     def __init__(
         self,
-        lambda_wce: float = 1.0,
+        lambda_wce: float = 0.5,
         use_wce: bool = True,
         wce_threshold: float = 0.5,
         target: str = "fused",
-        smooth: float = 1e-5,
+        smooth: float = 1.0,
     ) -> None:
         super().__init__()
         if target not in TARGETS:
@@ -54,7 +54,7 @@ class DistillationLoss(_Loss):
         self.lambda_wce = lambda_wce
         self.use_wce = use_wce
         self.target = target
-        self.dice = DiceLoss(include_background=True, smooth_nr=smooth, smooth_dr=smooth, reduction="none")
+        self.smooth = smooth
         self.wce = WeightedCELoss(threshold=wce_threshold)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -69,12 +69,12 @@ class DistillationLoss(_Loss):
             label: image-level labels (B,), 1 = tumour, 0 = none.
 
         Returns:
-            ``{"loss": total, "loss_kd": L_kd, "loss_wce": L_wce}``, scalars; only ``loss`` carries the gradient use.
+            ``{"loss": total, "loss_kd": L_kd, "loss_wce": L_wce}``, scalars (the components are for logging).
         """
         positive = self._positive_mask(label, student)
         target = self._dice_target(student, teacher.to(student.dtype)) * positive
-        ones = torch.ones_like(student)
-        kd = self.dice(torch.where(positive, student, 1.0 - student), torch.where(positive, target, ones)).mean()
+        foreground = torch.where(positive, student, 1.0 - student)
+        kd = soft_dice_loss(foreground, torch.where(positive, target, torch.ones_like(student)), self.smooth).mean()
         wce = self.wce(student[:, -1:], target[:, -1:]) if self.use_wce else kd.new_zeros(())
         return {Keys.LOSS: kd + self.lambda_wce * wce, "loss_kd": kd, "loss_wce": wce}
 
