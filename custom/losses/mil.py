@@ -16,9 +16,12 @@ def gm_pool(p: torch.Tensor, r: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
     """Generalised mean `(mean_pixels p^r)^(1/r)` over the last two axes: the image score of a probability map.
 
     r = 1 is the mean, r -> inf the max; r = 4 (SA-MIL / DWS-MIL) lets a few confident pixels carry the image.
-    The mean is floored at `eps` because the r-th root has an infinite gradient at 0.
+    Probabilities are floored at `eps` (the r-th root has an infinite gradient at 0) and divided by their
+    (detached) maximum before the power, which leaves the value unchanged but keeps `p^r` from underflowing.
     """
-    return p.pow(r).mean(dim=(-2, -1)).clamp_min(eps).pow(1.0 / r)
+    p = p.clamp_min(eps)
+    peak = p.amax(dim=(-2, -1), keepdim=True).detach()
+    return peak[..., 0, 0] * (p / peak).pow(r).mean(dim=(-2, -1)).pow(1.0 / r)
 
 
 def _image_labels(label: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -38,7 +41,7 @@ class MILPoolingLoss(_Loss):
 
     Args:
         r: generalised-mean exponent.
-        eps: floor of the pooled mean (see `gm_pool`).
+        eps: floor of the pixel probabilities (see `gm_pool`).
         reduction: "mean" or "sum" over images and maps.
     """
 
