@@ -1,0 +1,189 @@
+"""Teacher pseudo-label cache: written at the start of stage 2 and after every role swap, read back by name."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Hashable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import MetaTensor
+from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import LoadImage, Transform
+from monai.transforms.traits import RandomizableTrait
+from monai.utils import IgniteInfo, min_version, optional_import
+from PIL import Image
+
+from custom.engines.distillation_trainer import PSEUDO_KEY, DistillationEvents
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["PseudoLabelHandler", "LoadPseudoLabeld", "MANIFEST_NAME", "MANIFEST_FIELDS"]
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_FIELDS = ("name", "image", "label", "png", "nifti", "round", "epoch", "mean_prob")
+
+
+def _pseudo_label_path(output_dir: str | os.PathLike, name: str, suffix: str) -> str:
+    """``output_dir/name + suffix``; names come from data, so refuse ones that would leave the folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"image name {name!r} cannot name a pseudo-label file (empty, or holds a path separator).")
+    return os.path.join(os.fspath(output_dir), name + suffix)
+
+
+class PseudoLabelHandler:
+    """
+    Run the trainer's teacher over the training images and cache its fused maps on disk
+    (docs/METHOD.md, pseudo-labels), on ``Events.STARTED`` and on ``DistillationEvents.ROLES_SWAPPED``.
+
+    Per image ``name`` it writes ``output_dir/name.nii.gz`` (float32 probabilities, array axes (row, col) as in the
+    network's tensors: MONAI's ``NibabelReader`` and :class:`LoadPseudoLabeld` read it back unchanged, viewers that
+    take NIfTI axis 0 as x show it transposed) and ``output_dir/name.png`` (uint8, probability x 255, for viewing),
+    plus ``manifest.csv`` with columns ``MANIFEST_FIELDS`` (``round`` counts swaps; ``epoch`` is the trainer's).
+    Files are overwritten in place, so the training transforms always read the current teacher's maps.
+
+    Negative images keep the teacher's map on disk (useful to see false positives); the all-zero target that
+    METHOD.md prescribes for them is applied by ``DistillationLoss`` from the image label, in one place, so the cached
+    and the teacher-forward paths train identically.
+
+    With ``torch.distributed`` initialised, rank 0 writes and the other ranks wait at a barrier.
+    Attach it after a ``CheckpointLoader`` so that a resumed run writes its restored teacher's maps.
+
+    Args:
+        data_loader: the training images without random augmentation, batches with ``image``, ``label`` and
+            ``name`` (the image path is taken from the image's MONAI metadata when present).
+        output_dir: folder of the cache; created if missing.
+        inferer: how the teacher runs on a batch, default ``SimpleInferer()``.
+        name_key: batch key of the image names.
+        label_key: batch key of the image-level labels.
+    """
+
+    def __init__(
+        self,
+        data_loader: Iterable,
+        output_dir: str | os.PathLike,
+        inferer: Inferer | None = None,
+        name_key: str = "name",
+        label_key: str = "label",
+    ) -> None:
+        self.data_loader = data_loader
+        self.output_dir = os.fspath(output_dir)
+        self.inferer = SimpleInferer() if inferer is None else inferer
+        self.name_key = name_key
+        self.label_key = label_key
+        self.round = 0
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        """Write the cache before the first iteration and after every role swap."""
+        engine.add_event_handler(Events.STARTED, self)
+        engine.add_event_handler(DistillationEvents.ROLES_SWAPPED, self.on_swap)
+
+    def on_swap(self, engine: Engine) -> None:
+        """A new teacher: next round of pseudo-labels."""
+        self.round += 1
+        self(engine)
+
+    def __call__(self, engine: Engine) -> None:
+        """Regenerate the cache from ``engine.teacher`` (rank 0 only under torch.distributed)."""
+        distributed = dist.is_available() and dist.is_initialized()
+        if not distributed or dist.get_rank() == 0:
+            rows = self.write(engine.teacher, engine.state.device, engine.state.epoch)
+            self.logger.info(f"pseudo-labels round {self.round}: {len(rows)} maps written to {self.output_dir}")
+        if distributed:
+            dist.barrier()
+
+    def write(self, teacher: torch.nn.Module, device: torch.device | str, epoch: int = 0) -> list[dict[str, Any]]:
+        """Run ``teacher`` (eval, no grad) over the data, write the maps and the manifest; return its rows."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        teacher.eval()
+        rows = []
+        with torch.no_grad():
+            for batch in self.data_loader:
+                fused = self.inferer(batch["image"].to(device), teacher)[:, -1].float().cpu().numpy()
+                names, paths, labels = self._describe(batch)
+                for prob, name, path, label in zip(fused, names, paths, labels):
+                    rows.append(self._write_one(prob, name, path, label, epoch))
+        with open(os.path.join(self.output_dir, MANIFEST_NAME), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        return rows
+
+    def _describe(self, batch: Mapping) -> tuple[list[str], list[str], list[int]]:
+        """Names, image paths ('' when the batch carries no MONAI metadata) and labels of a batch."""
+        names = list(batch[self.name_key])
+        image = batch["image"]
+        paths = image.meta.get("filename_or_obj", []) if isinstance(image, MetaTensor) else []
+        paths = [str(p) for p in paths] if len(paths) == len(names) else [""] * len(names)
+        labels = [int(v) for v in torch.as_tensor(batch[self.label_key]).reshape(-1).tolist()]
+        return names, paths, labels
+
+    def _write_one(self, prob: np.ndarray, name: str, image_path: str, label: int, epoch: int) -> dict[str, Any]:
+        """Write one (row, col) probability map as NIfTI and PNG; return its manifest row."""
+        nifti = _pseudo_label_path(self.output_dir, name, ".nii.gz")
+        png = _pseudo_label_path(self.output_dir, name, ".png")
+        nib.save(nib.Nifti1Image(prob.astype(np.float32), np.eye(4)), nifti)
+        Image.fromarray(np.round(np.clip(prob, 0.0, 1.0) * 255).astype(np.uint8)).save(png)
+        return {
+            "name": name,
+            "image": image_path,
+            "label": label,
+            "png": png,
+            "nifti": nifti,
+            "round": self.round,
+            "epoch": epoch,
+            "mean_prob": float(prob.mean()),
+        }
+
+    def state_dict(self) -> dict[str, int]:
+        """The pseudo-label round, so that a resumed run keeps counting."""
+        return {"round": self.round}
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        """Restore the round saved by :meth:`state_dict`."""
+        self.round = int(state_dict["round"])
+
+
+class LoadPseudoLabeld(Transform, RandomizableTrait):
+    """
+    Load the cached teacher map of ``data[name_key]`` into ``data[pseudo_key]`` as a (1, H, W) float32 tensor, so
+    that dictionary augmentations listing both keys (``RandFlipd(keys=["image", "pseudo"])``) move image and
+    pseudo-label together; put it before them.
+
+    It declares ``RandomizableTrait`` although it draws no random numbers: its output changes whenever the teacher
+    changes (after a role swap), and MONAI's ``CacheDataset`` / ``PersistentDataset`` cache a pipeline only up to
+    the first such transform, so the pseudo-labels are never served stale from a cache.
+
+    Args:
+        pseudo_dir: the ``output_dir`` of :class:`PseudoLabelHandler`.
+        pseudo_key: key to write, default ``"pseudo"`` (the trainer's ``pseudo_key``).
+        name_key: key of the image name.
+    """
+
+    def __init__(self, pseudo_dir: str | os.PathLike, pseudo_key: Hashable = PSEUDO_KEY, name_key: str = "name"):
+        self.pseudo_dir = pseudo_dir
+        self.pseudo_key = pseudo_key
+        self.name_key = name_key
+        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Return a copy of ``data`` with the pseudo-label added."""
+        d = dict(data)
+        path = _pseudo_label_path(self.pseudo_dir, str(d[self.name_key]), ".nii.gz")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"no pseudo-label {path} for image {d[self.name_key]!r}: "
+                "PseudoLabelHandler writes it when stage 2 starts."
+            )
+        d[self.pseudo_key] = self.loader(path)
+        return d

@@ -1,0 +1,130 @@
+"""PseudoLabelHandler writes the teacher's maps (read back with nibabel and scikit-image); LoadPseudoLabeld serves them."""
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
+from monai.engines.utils import IterationEvents
+from monai.transforms import Compose, RandFlipd
+from monai.utils.enums import CommonKeys as Keys
+from skimage.io import imread
+from tiny_mil_net import TinyMILNet
+
+from custom.engines.distillation_trainer import DistillationEvents, DistillationTrainer
+from custom.handlers.pseudo_labels import LoadPseudoLabeld, PseudoLabelHandler
+from custom.losses.distillation import DistillationLoss
+
+N, SIZE = 6, 16
+
+
+def _items() -> list[dict]:
+    """Tiny images with alternating labels; each image knows its (fake) source path through MONAI metadata."""
+    gen = torch.Generator().manual_seed(0)
+    return [
+        {
+            "image": MetaTensor(torch.rand(3, SIZE, SIZE, generator=gen), meta={"filename_or_obj": f"/data/im{i}.png"}),
+            "label": i % 2,
+            "name": f"im{i}",
+        }
+        for i in range(N)
+    ]
+
+
+def _trainer(teacher, student, items, pseudo_dir, pseudo_key="pseudo", transform=None) -> DistillationTrainer:
+    """One epoch of one batch, the handler on the plain (unaugmented) images."""
+    train_data = Dataset(items, transform=transform or LoadPseudoLabeld(pseudo_dir)) if pseudo_key else items
+    return DistillationTrainer(
+        device="cpu",
+        max_epochs=1,
+        epoch_length=1,
+        train_data_loader=DataLoader(train_data, batch_size=N),
+        network=student,
+        teacher=teacher,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+        loss_function=DistillationLoss(),
+        pseudo_key=pseudo_key,
+        train_handlers=[PseudoLabelHandler(DataLoader(items, batch_size=4), pseudo_dir)],
+        decollate=False,
+    )
+
+
+def _teacher_fused(teacher, items) -> np.ndarray:
+    with torch.no_grad():
+        return teacher.eval()(torch.stack([item["image"].as_tensor() for item in items]))[:, -1].numpy()
+
+
+def test_cache_files_equal_the_teacher_output(tmp_path):
+    torch.manual_seed(0)
+    teacher, items = TinyMILNet(), _items()
+    trainer = _trainer(teacher, TinyMILNet(), items, tmp_path)
+    expected = _teacher_fused(teacher, items)
+    trainer.run()
+    with open(tmp_path / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["name"] for row in rows] == [f"im{i}" for i in range(N)]
+    for i, row in enumerate(rows):
+        nifti = nib.load(row["nifti"]).get_fdata()
+        np.testing.assert_allclose(nifti, expected[i], atol=1e-6)
+        png = imread(row["png"])
+        assert png.dtype == np.uint8 and png.shape == (SIZE, SIZE)
+        np.testing.assert_allclose(png, np.round(expected[i] * 255), atol=1)
+        assert row["image"] == f"/data/im{i}.png" and int(row["label"]) == i % 2
+        assert row["round"] == "0" and float(row["mean_prob"]) == pytest.approx(expected[i].mean(), rel=1e-5)
+
+
+def test_cached_and_teacher_forward_training_give_the_same_loss(tmp_path):
+    torch.manual_seed(0)
+    teacher, student, items = TinyMILNet(), TinyMILNet(), _items()
+    losses = {}
+    for pseudo_key in ("pseudo", None):
+        trainer = _trainer(teacher, TinyMILNet(), items, tmp_path, pseudo_key)
+        trainer.network.load_state_dict(student.state_dict())
+        trainer.add_event_handler(
+            IterationEvents.LOSS_COMPLETED, lambda e, k=pseudo_key: losses.setdefault(k, e.state.output[Keys.LOSS])
+        )
+        trainer.run()
+    assert losses["pseudo"].item() == pytest.approx(losses[None].item(), rel=1e-5)
+
+
+def test_augmentation_moves_image_and_pseudo_label_together(tmp_path):
+    torch.manual_seed(0)
+    teacher, items = TinyMILNet(), _items()
+    PseudoLabelHandler(DataLoader(items, batch_size=4), tmp_path).write(teacher, "cpu")
+    flip = Compose([LoadPseudoLabeld(tmp_path), RandFlipd(keys=["image", "pseudo"], prob=1.0, spatial_axis=1)])
+    sample = Dataset(items, transform=flip)[1]
+    expected = _teacher_fused(teacher, items)[1]
+    assert sample["pseudo"].shape == (1, SIZE, SIZE)
+    np.testing.assert_allclose(sample["pseudo"][0].numpy(), expected[:, ::-1], atol=1e-6)
+    np.testing.assert_array_equal(sample["image"].numpy(), items[1]["image"].numpy()[:, :, ::-1])
+
+
+def test_swap_regenerates_and_cache_dataset_never_serves_stale_maps(tmp_path):
+    torch.manual_seed(0)
+    teacher, items = TinyMILNet(), _items()
+    trainer = _trainer(teacher, TinyMILNet(), items, tmp_path)
+    trainer.run()
+    cached = CacheDataset(items, transform=LoadPseudoLabeld(tmp_path), progress=False)
+    before = cached[0]["pseudo"].clone()
+    with torch.no_grad():
+        teacher.heads[0].bias.add_(3.0)  # a different teacher, as after a swap
+    trainer.fire_event(DistillationEvents.ROLES_SWAPPED)
+    np.testing.assert_allclose(cached[0]["pseudo"][0].numpy(), _teacher_fused(teacher, items)[0], atol=1e-6)
+    assert not torch.allclose(cached[0]["pseudo"], before)
+    with open(tmp_path / "manifest.csv", newline="") as f:
+        assert {row["round"] for row in csv.DictReader(f)} == {"1"}
+
+
+def test_handler_state_round_trip():
+    handler = PseudoLabelHandler([], "unused")
+    handler.load_state_dict({"round": 3})
+    assert handler.state_dict() == {"round": 3}
+
+
+def test_bad_names_and_missing_files_raise(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'im0'"):
+        LoadPseudoLabeld(tmp_path)({"name": "im0"})
+    with pytest.raises(ValueError, match="path separator"):
+        LoadPseudoLabeld(tmp_path)({"name": "../im0"})
