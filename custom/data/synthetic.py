@@ -96,27 +96,22 @@ def _hash_uniform(seed: int, *keys: np.ndarray | int) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _interpolation_weights(coords: np.ndarray, spacing: int) -> tuple[np.ndarray, int]:
-    """(len(coords), n_lattice) smoothstep interpolation matrix from lattice points to pixels, and the first lattice index."""
-    lattice = coords // spacing
-    frac = (coords % spacing) / spacing
-    frac = frac * frac * (3 - 2 * frac)
-    first = int(lattice[0])
-    weights = np.zeros((len(coords), int(lattice[-1]) - first + 2), np.float32)
-    index = np.arange(len(coords))
-    weights[index, lattice - first] = 1 - frac
-    weights[index, lattice - first + 1] = frac
-    return weights, first
+def _lattice_position(coords: np.ndarray, spacing: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lattice cell of each pixel coordinate and its smoothstep weight towards the next lattice point."""
+    frac = (coords % spacing).astype(np.float32) / spacing
+    return coords // spacing, frac * frac * (3 - 2 * frac)
 
 
 def _value_noise(seed: int, key: int, rows: np.ndarray, cols: np.ndarray, spacing: int) -> np.ndarray:
-    """Smooth [0, 1) noise on a (rows x cols) pixel grid: hashed lattice values interpolated as W_rows @ L @ W_cols.T."""
-    w_rows, first_row = _interpolation_weights(rows, spacing)
-    w_cols, first_col = _interpolation_weights(cols, spacing)
-    grid_rows = np.arange(first_row, first_row + w_rows.shape[1])
-    grid_cols = np.arange(first_col, first_col + w_cols.shape[1])
-    lattice = _hash_uniform(seed, key, grid_rows[:, None], grid_cols[None, :]).astype(np.float32)
-    return w_rows @ lattice @ w_cols.T
+    """Smooth [0, 1) noise on a (rows x cols) pixel grid: hashed lattice values interpolated along rows, then cols."""
+    lat_r, w_r = _lattice_position(rows, spacing)
+    lat_c, w_c = _lattice_position(cols, spacing)
+    grid_r = np.arange(lat_r[0], lat_r[-1] + 2)
+    grid_c = np.arange(lat_c[0], lat_c[-1] + 2)
+    lattice = _hash_uniform(seed, key, grid_r[:, None], grid_c[None, :]).astype(np.float32)
+    i, j = lat_r - grid_r[0], lat_c - grid_c[0]
+    along_rows = lattice[i] * (1 - w_r)[:, None] + lattice[i + 1] * w_r[:, None]
+    return along_rows[:, j] * (1 - w_c) + along_rows[:, j + 1] * w_c
 
 
 @dataclass(frozen=True)
@@ -271,7 +266,7 @@ def _nuclei(layout: SlideLayout, row: int, col: int, height: int, width: int) ->
     y = (np.repeat(cyy.ravel(), _NUCLEUS_SLOTS) + u[:, 1]) * cell
     tissue = layout.in_tissue(x, y)
     tumour = tissue & layout.in_tumour(x, y) if layout.tumours_xy else np.zeros_like(tissue)
-    keep = np.where(tumour, u[:, 2] < 0.62, tissue & (u[:, 2] < 0.1))
+    keep = np.where(tumour, u[:, 2] < 0.5, tissue & (u[:, 2] < 0.14))
     # tumour: large, pleomorphic, irregular, variably dark; stroma: thin spindles
     a = np.where(tumour, 5.5 + 3.5 * u[:, 3], 5.0 + 3.0 * u[:, 3])
     b = np.where(tumour, a * (0.55 + 0.45 * u[:, 4]), 1.8 + 1.0 * u[:, 4])
@@ -442,7 +437,7 @@ def _write_patches(layout: SlideLayout, name: str, label: int, index: int, split
         origins = _crop_origins(layout, rng, spec, want_tumour, count)
         for row, col in origins:
             stem = f"{name}_x{col}_y{row}"  # level-0 (x, y) of the crop's top-left pixel
-            Image.fromarray(render_tile(layout, row, col, spec.patch_size, spec.patch_size)).save(out / "patches" / split / kind / f"{stem}.png")
+            Image.fromarray(render_tile(layout, row, col, spec.patch_size, spec.patch_size)).save(out / "patches" / split / kind / f"{stem}.png", compress_level=1)
             if want_tumour:
                 Image.fromarray(render_mask(layout, row, col, spec.patch_size, spec.patch_size), mode="L").save(out / "patches" / split / "gt" / f"{stem}.png")
         counts[kind] = len(origins)
@@ -496,6 +491,7 @@ def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    building.chmod(0o755)  # mkdtemp makes it private; the data set is meant to be shared
     try:
         for sub in ("slides", "masks", "annotations", *(f"patches/{s}/{k}" for s in ("train", "test") for k in ("pos", "neg", "gt"))):
             (building / sub).mkdir(parents=True)
