@@ -1,0 +1,1 @@
+from .distillation_trainer import DistillationEvents, DistillationTrainer
