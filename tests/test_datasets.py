@@ -4,13 +4,14 @@ import re
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from monai.data import DataLoader
 from monai.transforms import NormalizeIntensityd, RandFlipd
 from PIL import Image
 
-from custom.data.datalist import patch_folder_datalist
-from custom.data.datasets import PatchFolderDataset, patch_transforms
+from custom.data.datalist import load_slide_datalist, patch_folder_datalist
+from custom.data.datasets import PatchFolderDataset, SlideBagDataset, SlideTileDataset, patch_transforms
 
 
 def _save(path, array):
@@ -42,7 +43,13 @@ def test_items_hold_validated_tensors(patch_root):
     assert pos["mask"].shape == (1, 8, 12) and pos["mask"].sum().item() == 48 and pos["has_mask"]
     torch.testing.assert_close(items["p1"]["mask"], items["p2"]["mask"])
     neg = items["n1"]
-    assert neg["label"].item() == 0.0 and not neg["mask"].any() and not neg["has_mask"]
+    assert neg["label"].item() == 0.0 and not neg["mask"].any() and neg["has_mask"]
+
+
+def test_positive_without_gt_is_flagged(patch_root):
+    (patch_root / "test" / "gt" / "p2.png").unlink()
+    items = {item["name"]: item for item in PatchFolderDataset(patch_folder_datalist(patch_root, "test", require_masks=False))}
+    assert not items["p2"]["has_mask"] and not items["p2"]["mask"].any() and items["p1"]["has_mask"]
 
 
 def test_resize_keeps_masks_binary_and_in_place(patch_root):
@@ -91,3 +98,115 @@ def test_config_transforms_append_and_batch(patch_root):
 def test_unknown_resize_mode():
     with pytest.raises(ValueError, match="resize_mode"):
         patch_transforms(16, "stretch")
+
+
+def _write_tiff(path, levels, photometric):
+    """A tiled, LZW, pyramidal TIFF (reduced-resolution pages in the main IFD chain), 0.5 um/px at level 0."""
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for index, array in enumerate(levels):
+            extra = {"resolution": (2e4, 2e4), "resolutionunit": "CENTIMETER"} if index == 0 else {"subfiletype": 1}
+            tif.write(array, tile=(64, 64), photometric=photometric, compression="lzw", **extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slide_set(tmp_path_factory):
+    """Slides 500 x 512 (w x h) with tissue at x >= 200 and tumour in x [300, 500), y [100, 300) (level 0).
+
+    s1 has a pyramidal 0/255 mask TIFF, s2 is a negative, s3 has the tumour as ASAP XML, s4 a one-level mask.
+    """
+    root = tmp_path_factory.mktemp("slides")
+    rng = np.random.default_rng(5)
+    image = np.full((512, 500, 3), 244, np.uint8)
+    image[:, 200:] = rng.integers(0, 60, (512, 300, 3), dtype=np.uint8) + np.array([170, 60, 140], np.uint8)
+    mask = np.zeros((512, 500), np.uint8)
+    mask[100:300, 300:500] = 255
+    for name in ("s1", "s2", "s3", "s4"):
+        _write_tiff(root / f"{name}.tif", [image, image[::2, ::2]], "rgb")
+    _write_tiff(root / "s1_mask.tif", [mask, mask[::2, ::2]], "minisblack")
+    _write_tiff(root / "s4_mask.tif", [mask], "minisblack")
+    (root / "s3.xml").write_text(
+        '<ASAP_Annotations><Annotations><Annotation Name="t" Type="Polygon" PartOfGroup="_0"><Coordinates>'
+        '<Coordinate Order="0" X="300" Y="100"/><Coordinate Order="1" X="500" Y="100"/>'
+        '<Coordinate Order="2" X="500" Y="300"/><Coordinate Order="3" X="300" Y="300"/>'
+        "</Coordinates></Annotation></Annotations></ASAP_Annotations>"
+    )
+    (root / "slides.csv").write_text(
+        "slide,label,mask,annotation\ns1.tif,1,s1_mask.tif,\ns2.tif,0,,\ns3.tif,tumor,,s3.xml\ns4.tif,1,s4_mask.tif,\n"
+    )
+    # Level 1 padded with what read_region returns past the edge: white pixels, and no tumour.
+    level1 = np.pad(image[::2, ::2], ((0, 64), (0, 64), (0, 0)), constant_values=255)
+    mask1 = np.pad(mask[::2, ::2] > 0, ((0, 64), (0, 64)))
+    return root, level1, mask1
+
+
+def _tile_dataset(root, grid_dir, **kwargs):
+    slides = load_slide_datalist(root / "slides.csv")
+    return SlideTileDataset(slides, level=1, tile_size=64, min_tissue=0.5, grid_dir=str(grid_dir), **kwargs)
+
+
+def test_slide_tiles_match_slide_and_mask_pixels_in_workers(slide_set, tmp_path):
+    root, level1, mask1 = slide_set
+    dataset = _tile_dataset(root, tmp_path)
+    locations = {tuple(t["location"]) for t in dataset.data if t["name"].startswith("s1_")}
+    # Tissue covers level-0 x >= 200: every tile at x 256 and 384 is kept, none at x 0.
+    assert {(x, y) for x in (256, 384) for y in (0, 128, 256, 384)} <= locations
+    assert all(x >= 128 for x, _ in locations)
+    labels = {"s1": 1.0, "s2": 0.0, "s3": 1.0, "s4": 1.0}
+    seen = 0
+    for batch in DataLoader(dataset, batch_size=8, num_workers=2):
+        for i, name in enumerate(batch["name"]):
+            x, y = batch["location"][i].tolist()
+            stem = name.split("_")[0]
+            assert name == f"{stem}_{x}_{y}" and batch["slide"][i] == str(root / f"{stem}.tif")
+            assert batch["label"][i].item() == labels[stem] and batch["level"][i].item() == 1
+            r, c = y // 2, x // 2
+            np.testing.assert_array_equal(
+                np.round(batch["image"][i].numpy() * 255).astype(np.uint8), level1[r : r + 64, c : c + 64].transpose(2, 0, 1)
+            )
+            expected = mask1[r : r + 64, c : c + 64] if stem != "s2" else np.zeros((64, 64), bool)
+            np.testing.assert_array_equal(batch["mask"][i, 0].numpy(), expected.astype(np.float32), err_msg=name)
+            assert batch["has_mask"][i]
+            seen += 1
+    assert seen == len(dataset) == 4 * len(locations)
+    edge = dataset[[t["name"] for t in dataset.data].index("s1_384_128")]
+    # Level-1 rows 64..127 and columns 192..249 are tumour; columns 250..255 lie past the slide and must stay 0.
+    assert edge["mask"][0, :, :58].all() and not edge["mask"][0, :, 58:].any()
+    assert (edge["image"][:, :, 58:] == 1.0).all()  # past the slide's right edge: white
+
+
+def test_tile_grids_are_cached_and_reused(slide_set, tmp_path, monkeypatch):
+    root, _, _ = slide_set
+    first = _tile_dataset(root, tmp_path)
+    assert len(list(tmp_path.glob("*.csv"))) == 4
+
+    def no_detection(*args, **kwargs):
+        raise AssertionError("tissue detection ran although the grid was cached")
+
+    monkeypatch.setattr("custom.data.grid.detect_tissue", no_detection)
+    again = _tile_dataset(root, tmp_path)
+    assert [t["name"] for t in again.data] == [t["name"] for t in first.data]
+
+
+def test_bags_carry_the_slide_label(slide_set, tmp_path):
+    root, _, _ = slide_set
+    tiles = _tile_dataset(root, tmp_path)
+    assert {len(indices) for indices in tiles.bags().values()} == {len(tiles) // 4}
+    torch.manual_seed(0)
+    bags = SlideBagDataset(tiles, tiles_per_bag=3)
+    assert len(bags) == 4
+    for bag in bags:
+        assert bag["image"].shape == (3, 3, 64, 64) and bag["mask"].shape == (3, 1, 64, 64)
+        assert bag["label"].item() == (0.0 if bag["name"] == "s2" else 1.0)
+        assert (bag["location"][:, 0] >= 128).all()
+    big = SlideBagDataset(tiles, tiles_per_bag=len(tiles))[0]
+    assert big["image"].shape[0] == len(tiles)
+
+
+def test_mask_of_another_size_is_refused(slide_set, tmp_path):
+    root, _, _ = slide_set
+    _write_tiff(tmp_path / "small_mask.tif", [np.zeros((256, 250), np.uint8)], "minisblack")
+    (tmp_path / "s1.tif").symlink_to(root / "s1.tif")
+    (tmp_path / "bad.csv").write_text("slide,label,mask\ns1.tif,1,small_mask.tif\n")
+    with pytest.raises(ValueError, match=r"small_mask\.tif.*\(250, 256\).*s1\.tif.*\(500, 512\)"):
+        SlideTileDataset(load_slide_datalist(tmp_path / "bad.csv"), level=1, tile_size=64)

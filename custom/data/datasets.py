@@ -1,24 +1,39 @@
-"""MONAI datasets for image patches with image-level labels (and, where they exist, pixel masks).
+"""MONAI datasets of image patches and of whole-slide tiles, labelled per image or per slide.
 
-Every item is a dict ``{"image": (3, H, W) float32 in [0, 1], "label": float scalar tensor,
+Every item is a dict with at least ``{"image": (3, H, W) float32 in [0, 1], "label": float scalar tensor,
 "mask": (1, H, W) float32, "has_mask": bool, "name": str}`` so that bundle configs can append their own MONAI
 transforms (``NormalizeIntensityd`` with ImageNet statistics, random flips, ...) after the loading chain.
+``has_mask`` is False where the mask is all-zero only for lack of ground truth (a positive without a gt file);
+evaluation should skip those. Slide tiles add ``"slide"`` (path), ``"location"`` (level-0 ``(x, y)`` int64
+tensor) and ``"level"``; their ``"label"`` is the slide's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import CacheDataset, MetaTensor
+from monai.data import CacheDataset, Dataset, MetaTensor
 from monai.transforms import Compose, MapTransform, Resized, ResizeWithPadOrCropd, Transform
 from monai.utils import ensure_tuple, ensure_tuple_rep
 
+from custom.data.annotations import Annotation, rasterize_annotations, read_asap_xml
+from custom.data.grid import grid_for
 from custom.data.images import check_mask_size, read_mask, read_rgb
+from custom.data.slide import BACKENDS, Slide, open_slide, select_level
 
-__all__ = ["LoadPatchd", "patch_transforms", "PatchFolderDataset"]
+__all__ = [
+    "LoadPatchd",
+    "patch_transforms",
+    "PatchFolderDataset",
+    "LoadTiled",
+    "slide_tile_datalist",
+    "SlideTileDataset",
+    "SlideBagDataset",
+]
 
 RESIZE_MODES = ("resize", "center_crop", "none")
 
@@ -28,8 +43,8 @@ class LoadPatchd(MapTransform):
 
     The image becomes a (3, rows, cols) float32 MetaTensor in [0, 1] (its path kept as ``filename_or_obj``), the
     mask a (1, rows, cols) float32 tensor of 0/1, all-zero when the item's mask is None (negatives, and positives
-    without a gt file; ``has_mask`` tells the two apart so evaluation can skip the latter), and the label a float
-    scalar tensor, the form BCE-style losses take.
+    without a gt file, which get ``has_mask`` False so evaluation can skip them), and the label a float scalar
+    tensor, the form BCE-style losses take.
     """
 
     def __init__(self, keys: KeysCollection = "image", mask_key: str = "mask", label_key: str = "label") -> None:
@@ -51,7 +66,7 @@ class LoadPatchd(MapTransform):
             pixels = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
             d[key] = MetaTensor(pixels, meta={"filename_or_obj": str(image_path)})
             d[self.mask_key] = torch.from_numpy(mask).unsqueeze(0).float()
-            d["has_mask"] = mask_path is not None
+            d["has_mask"] = mask_path is not None or int(d[self.label_key]) == 0
         d[self.label_key] = torch.tensor(float(d[self.label_key]))
         return d
 
@@ -96,3 +111,176 @@ class PatchFolderDataset(CacheDataset):
         extra = ensure_tuple(transform) if transform is not None else ()
         chain = Compose([*patch_transforms(image_size, resize_mode), *extra]).flatten()
         super().__init__(data, transform=chain, cache_rate=cache_rate, num_workers=num_workers, progress=False)
+
+
+class LoadTiled(MapTransform):
+    """Read a tile of a slide, and its ground truth from a mask TIFF or an ASAP XML, for one tile item.
+
+    A tile item holds ``slide``, ``location`` (level-0 ``(x, y)``), ``level``, ``tile_size``, ``label`` and the
+    slide's ``mask`` / ``annotation`` paths (or None). Slides are opened on first use in each process and kept
+    open (``Slide`` reopens its handle in a DataLoader worker), so the transform pickles without open files.
+    The mask is 0/1 from a mask TIFF (any value > 0 is tumour) and 0/1/2 from XML (2 = excluded, see
+    ``custom.data.annotations``); it is all-zero for a slide with neither.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", backends: Sequence[str] = BACKENDS) -> None:
+        super().__init__(keys)
+        self.backends = tuple(backends)
+        self._slides: dict[str, Slide] = {}
+        self._annotations: dict[str, list[Annotation]] = {}
+
+    def _slide(self, path: str) -> Slide:
+        """The opened slide (or mask TIFF) at ``path``, opened once per transform."""
+        if path not in self._slides:
+            self._slides[path] = open_slide(path, self.backends)
+        return self._slides[path]
+
+    def _mask(self, d: dict, image_slide: Slide) -> np.ndarray:
+        """The tile's (rows, cols) ground truth, zero where the tile reaches past the slide."""
+        (x, y), level, size = d["location"], d["level"], d["tile_size"]
+        downsample = image_slide.level_downsamples[level]
+        if d.get("annotation"):
+            if d["annotation"] not in self._annotations:
+                self._annotations[d["annotation"]] = read_asap_xml(d["annotation"])
+            return rasterize_annotations(self._annotations[d["annotation"]], (x, y), (size, size), downsample)
+        if not d.get("mask"):
+            return np.zeros((size, size), np.uint8)
+        mask = _read_mask_region(self._slide(d["mask"]), (x, y), size, downsample)
+        level_w, level_h = image_slide.level_dimensions[level]
+        mask[max(level_h - round(y / downsample), 0) :] = 0  # read_region pads with white past the slide's edge
+        mask[:, max(level_w - round(x / downsample), 0) :] = 0
+        return mask
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            slide = self._slide(d[key])
+            x, y = (int(v) for v in d["location"])
+            tile = slide.read_region((x, y), (d["tile_size"], d["tile_size"]), d["level"])
+            pixels = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1).float().div_(255.0)
+            d["image"] = MetaTensor(pixels, meta={"filename_or_obj": d[key], "location": (x, y)})
+            d["has_mask"] = bool(d.get("mask") or d.get("annotation")) or int(d["label"]) == 0
+            d["mask"] = torch.from_numpy(self._mask(d, slide)).unsqueeze(0).float()
+            d.pop("annotation", None)
+            d["location"] = torch.tensor((x, y), dtype=torch.int64)
+        d["label"] = torch.tensor(float(d["label"]))
+        return d
+
+
+def _read_mask_region(mask_slide: Slide, location_xy: tuple[int, int], size: int, downsample: float) -> np.ndarray:
+    """Read a (size, size) mask region at ``downsample`` from the finest mask level that is not coarser.
+
+    A mask pyramid need not have the slide's levels; a finer level is subsampled by nearest neighbour (the centre
+    pixel of each block), so label values never blend.
+    """
+    usable = [i for i, ds in enumerate(mask_slide.level_downsamples) if ds <= downsample * 1.001]
+    level = usable[-1]
+    factor = max(1, round(downsample / mask_slide.level_downsamples[level]))
+    region = mask_slide.read_region(location_xy, (size * factor, size * factor), level)
+    region = region[factor // 2 :: factor, factor // 2 :: factor]
+    return ((region[..., 0] if region.ndim == 3 else region) > 0).astype(np.uint8)
+
+
+def slide_tile_datalist(
+    slides: Sequence[dict],
+    level: int | None = None,
+    mpp: float | None = None,
+    tile_size: int = 256,
+    overlap: int = 0,
+    min_tissue: float = 0.25,
+    grid_dir: str | None = None,
+    backends: Sequence[str] = BACKENDS,
+    mpp_tolerance: float = 0.1,
+    tissue_kwargs: dict | None = None,
+) -> list[dict]:
+    """One item per tile over the tissue of each slide of a ``load_slide_datalist`` list.
+
+    The level is chosen per slide by index or mpp (``select_level``); grids are cached as CSV in ``grid_dir`` and
+    reused. A mask TIFF must have its slide's level-0 size. Slides are closed again, to be reopened where read.
+    """
+    tiles = []
+    for entry in slides:
+        slide = open_slide(entry["slide"], backends)
+        if entry.get("mask"):
+            with open_slide(entry["mask"], backends) as mask:
+                if tuple(mask.level_dimensions[0]) != tuple(slide.level_dimensions[0]):
+                    raise ValueError(
+                        f"mask {entry['mask']} has level-0 size (width, height) {mask.level_dimensions[0]} but its "
+                        f"slide {entry['slide']} has {slide.level_dimensions[0]}"
+                    )
+        chosen = select_level(slide, level=level, mpp=mpp, tolerance=mpp_tolerance)
+        grid = grid_for(slide, chosen, tile_size, overlap, min_tissue, cache_dir=grid_dir, **(tissue_kwargs or {}))
+        slide.close()
+        stem = Path(entry["slide"]).stem
+        for x, y in zip(grid.x.tolist(), grid.y.tolist()):
+            tiles.append(
+                {
+                    "slide": entry["slide"],
+                    "label": entry["label"],
+                    "mask": entry.get("mask"),
+                    "annotation": entry.get("annotation"),
+                    "location": (x, y),
+                    "level": chosen,
+                    "tile_size": tile_size,
+                    "name": f"{stem}_{x}_{y}",
+                }
+            )
+    return tiles
+
+
+class SlideTileDataset(Dataset):
+    """Tiles over the tissue of whole slides, each labelled with its slide's label, read lazily per worker.
+
+    ``data`` is a slide list (``load_slide_datalist``); tiling follows ``slide_tile_datalist``. ``transform`` runs
+    after ``LoadTiled``. ``self.data`` holds the tile items, in slide order.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        level: int | None = None,
+        mpp: float | None = None,
+        tile_size: int = 256,
+        overlap: int = 0,
+        min_tissue: float = 0.25,
+        grid_dir: str | None = None,
+        transform: Callable | Sequence[Callable] | None = None,
+        backends: Sequence[str] = BACKENDS,
+        mpp_tolerance: float = 0.1,
+        tissue_kwargs: dict | None = None,
+    ) -> None:
+        tiles = slide_tile_datalist(
+            data, level, mpp, tile_size, overlap, min_tissue, grid_dir, backends, mpp_tolerance, tissue_kwargs
+        )
+        extra = ensure_tuple(transform) if transform is not None else ()
+        super().__init__(tiles, transform=Compose([LoadTiled("slide", backends), *extra]).flatten())
+
+    def bags(self) -> dict[str, list[int]]:
+        """Tile indices grouped by slide path: the bags of multiple-instance learning with slide labels."""
+        groups: dict[str, list[int]] = {}
+        for index, tile in enumerate(self.data):
+            groups.setdefault(tile["slide"], []).append(index)
+        return groups
+
+
+class SlideBagDataset(torch.utils.data.Dataset):
+    """One item per slide: ``tiles_per_bag`` of its tiles drawn at random (torch's RNG, so DataLoader seeding
+    applies), stacked to ``(k, ...)``, with the slide's label. Slides with fewer tiles draw with replacement."""
+
+    def __init__(self, tiles: SlideTileDataset, tiles_per_bag: int = 16) -> None:
+        self.tiles = tiles
+        self.tiles_per_bag = tiles_per_bag
+        self.slides = list(tiles.bags().items())
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def __getitem__(self, index: int) -> dict:
+        slide, indices = self.slides[index]
+        if len(indices) >= self.tiles_per_bag:
+            picks = torch.randperm(len(indices))[: self.tiles_per_bag]
+        else:
+            picks = torch.randint(len(indices), (self.tiles_per_bag,))
+        items = [self.tiles[indices[i]] for i in picks.tolist()]
+        bag = {key: torch.stack([item[key] for item in items]) for key in ("image", "mask", "location")}
+        return {**bag, "label": items[0]["label"], "slide": slide, "name": Path(slide).stem}
