@@ -8,7 +8,8 @@ from custom.data.annotations import EXCLUDED, TUMOUR, read_asap_xml, rasterize_a
 
 def _annotation(name, group, points, kind="Polygon"):
     coords = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in points)
-    return f'<Annotation Name="{name}" Type="{kind}" PartOfGroup="{group}" Color="#F4FA58"><Coordinates>{coords}</Coordinates></Annotation>'
+    attributes = f'Name="{name}" Type="{kind}" PartOfGroup="{group}" Color="#F4FA58"'
+    return f"<Annotation {attributes}><Coordinates>{coords}</Coordinates></Annotation>"
 
 
 def _write_xml(path, *annotations):

@@ -119,7 +119,8 @@ def test_csv_errors_name_the_row(slide_dir, body, message):
 
 
 def test_json_errors_name_the_entry(slide_dir):
-    (slide_dir / "bad.json").write_text(json.dumps([{"slide": "slides/s1.tif", "label": 1}, {"slide": "slides/s2.tif", "label": 1.0}]))
+    rows = [{"slide": "slides/s1.tif", "label": 1}, {"slide": "slides/s2.tif", "label": 1.0}]
+    (slide_dir / "bad.json").write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=r"entry 1: unknown label 1\.0"):
         load_slide_datalist(slide_dir / "bad.json")
 

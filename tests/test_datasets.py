@@ -48,7 +48,8 @@ def test_items_hold_validated_tensors(patch_root):
 
 def test_positive_without_gt_is_flagged(patch_root):
     (patch_root / "test" / "gt" / "p2.png").unlink()
-    items = {item["name"]: item for item in PatchFolderDataset(patch_folder_datalist(patch_root, "test", require_masks=False))}
+    dataset = PatchFolderDataset(patch_folder_datalist(patch_root, "test", require_masks=False))
+    items = {item["name"]: item for item in dataset}
     assert not items["p2"]["has_mask"] and not items["p2"]["mask"].any() and items["p1"]["has_mask"]
 
 
@@ -62,7 +63,8 @@ def test_resize_keeps_masks_binary_and_in_place(patch_root):
 
 
 def test_center_crop_takes_the_middle(patch_root):
-    dataset = PatchFolderDataset(patch_folder_datalist(patch_root, "test"), image_size=(4, 6), resize_mode="center_crop")
+    items = patch_folder_datalist(patch_root, "test")
+    dataset = PatchFolderDataset(items, image_size=(4, 6), resize_mode="center_crop")
     item = dataset[0]
     original = np.asarray(Image.open(patch_root / "test/pos/p1.png")) / 255.0
     np.testing.assert_allclose(item["image"].numpy(), original[2:6, 3:9].transpose(2, 0, 1), atol=1e-6)
@@ -79,12 +81,18 @@ def test_mask_of_the_wrong_size_names_both_files(patch_root):
 
 def test_config_transforms_append_and_batch(patch_root):
     extra = [
-        NormalizeIntensityd("image", subtrahend=[0.485, 0.456, 0.406], divisor=[0.229, 0.224, 0.225], channel_wise=True),
+        NormalizeIntensityd(
+            "image", subtrahend=[0.485, 0.456, 0.406], divisor=[0.229, 0.224, 0.225], channel_wise=True
+        ),
         RandFlipd(["image", "mask"], prob=1.0, spatial_axis=1),
     ]
     plain = PatchFolderDataset(patch_folder_datalist(patch_root, "test"), image_size=8, resize_mode="center_crop")
     dataset = PatchFolderDataset(
-        patch_folder_datalist(patch_root, "test"), image_size=8, resize_mode="center_crop", transform=extra, cache_rate=1.0
+        patch_folder_datalist(patch_root, "test"),
+        image_size=8,
+        resize_mode="center_crop",
+        transform=extra,
+        cache_rate=1.0,
     )
     flipped, original = dataset[0], plain[0]
     expected = (original["image"][0] - 0.485) / 0.229
@@ -161,9 +169,8 @@ def test_slide_tiles_match_slide_and_mask_pixels_in_workers(slide_set, tmp_path)
             assert name == f"{stem}_{x}_{y}" and batch["slide"][i] == str(root / f"{stem}.tif")
             assert batch["label"][i].item() == labels[stem] and batch["level"][i].item() == 1
             r, c = y // 2, x // 2
-            np.testing.assert_array_equal(
-                np.round(batch["image"][i].numpy() * 255).astype(np.uint8), level1[r : r + 64, c : c + 64].transpose(2, 0, 1)
-            )
+            pixels = np.round(batch["image"][i].numpy() * 255).astype(np.uint8)
+            np.testing.assert_array_equal(pixels, level1[r : r + 64, c : c + 64].transpose(2, 0, 1), err_msg=name)
             expected = mask1[r : r + 64, c : c + 64] if stem != "s2" else np.zeros((64, 64), bool)
             np.testing.assert_array_equal(batch["mask"][i, 0].numpy(), expected.astype(np.float32), err_msg=name)
             assert batch["has_mask"][i]

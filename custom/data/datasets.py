@@ -116,14 +116,15 @@ class PatchFolderDataset(CacheDataset):
 class LoadTiled(MapTransform):
     """Read a tile of a slide, and its ground truth from a mask TIFF or an ASAP XML, for one tile item.
 
-    A tile item holds ``slide``, ``location`` (level-0 ``(x, y)``), ``level``, ``tile_size``, ``label`` and the
-    slide's ``mask`` / ``annotation`` paths (or None). Slides are opened on first use in each process and kept
-    open (``Slide`` reopens its handle in a DataLoader worker), so the transform pickles without open files.
+    A tile item (see ``slide_tile_datalist``) holds the slide path under ``keys``, ``location`` (level-0 ``(x, y)``),
+    ``level``, ``tile_size``, ``label`` and the slide's ``mask`` / ``annotation`` paths (or None). Slides are opened
+    on first use in each process and kept open (``Slide`` reopens its handle in a DataLoader worker), so the
+    transform pickles without open files.
     The mask is 0/1 from a mask TIFF (any value > 0 is tumour) and 0/1/2 from XML (2 = excluded, see
     ``custom.data.annotations``); it is all-zero for a slide with neither.
     """
 
-    def __init__(self, keys: KeysCollection = "image", backends: Sequence[str] = BACKENDS) -> None:
+    def __init__(self, keys: KeysCollection = "slide", backends: Sequence[str] = BACKENDS) -> None:
         super().__init__(keys)
         self.backends = tuple(backends)
         self._slides: dict[str, Slide] = {}

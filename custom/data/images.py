@@ -87,7 +87,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 
 
 def check_mask_size(
-    mask_shape: tuple[int, ...], mask_path: str | os.PathLike, image_shape: tuple[int, ...], image_path: str | os.PathLike
+    mask_shape: tuple[int, ...],
+    mask_path: str | os.PathLike,
+    image_shape: tuple[int, ...],
+    image_path: str | os.PathLike,
 ) -> None:
     """Refuse a mask whose (rows, cols) differ from its image's, naming both files and both (width, height) sizes."""
     if tuple(mask_shape[:2]) != tuple(image_shape[:2]):
