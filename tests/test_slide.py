@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -121,6 +122,16 @@ def test_pickled_slide_reopens_lazily(lossless, backend):
     copy = pickle.loads(pickle.dumps(slide))
     assert copy._handle is None
     np.testing.assert_array_equal(copy.read_region((128, 64), (32, 32), 1), IMAGE[::2, ::2][32:64, 64:96])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_share_one_slide(lossless, backend):
+    slide = open_slide(lossless, backends=(backend,))
+    locations = [(x, y) for y in range(0, 704, 64) for x in range(0, 960, 96)]
+    with ThreadPoolExecutor(4) as pool:
+        tiles = list(pool.map(lambda xy: slide.read_region(xy, (64, 64)), locations))
+    for (x, y), tile in zip(locations, tiles):
+        np.testing.assert_array_equal(tile, IMAGE[y : y + 64, x : x + 64])
 
 
 class _TileDataset(Dataset):

@@ -162,9 +162,12 @@ def _read_tiff_region(page: Any, row0: int, col0: int, height: int, width: int) 
     return mosaic[top : top + height, left : left + width, :3]
 
 
-def _open_handle(path: str, backend: str) -> Any:
+def _open_handle(path: str, backend: str, reader: WSIReader | None = None) -> Any:
     """Open ``path`` with one MONAI WSIReader backend and return the backend's own slide object."""
-    return WSIReader(backend=backend, channel_dim=-1).read(path)
+    handle = (reader or WSIReader(backend=backend, channel_dim=-1)).read(path)
+    if backend == "tifffile":
+        handle.filehandle.set_lock(True)  # threads reading tiles share one file position
+    return handle
 
 
 def _geometry(handle: Any, backend: str, reader: WSIReader) -> tuple[list[tuple[int, int]], list[float]]:
@@ -210,7 +213,7 @@ def _try_backend(path: str, backend: str) -> Slide:
     Truncated files often still open (the headers are intact); their last tiles are what fails to decode.
     """
     reader = WSIReader(backend=backend, channel_dim=-1)
-    handle = reader.read(path)
+    handle = _open_handle(path, backend, reader)
     dims, downsamples = _geometry(handle, backend, reader)
     slide = Slide(path, backend, dims, downsamples, _level0_mpp(handle, backend, reader), handle, os.getpid())
     for level, corner in ((slide.level_count - 1, "first"), (0, "last")):
