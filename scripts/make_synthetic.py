@@ -27,7 +27,8 @@ def main(
     workers: int = 2,
 ) -> None:
     """Write the data set to OUT (which must not exist or be empty) and print its summary as JSON."""
-    overrides = {"n_slides": slides, "size": size, "seed": seed, "mpp": mpp, "patches_per_slide": patches_per_slide, "test_fraction": test_fraction}
+    overrides = {"n_slides": slides, "size": size, "seed": seed, "mpp": mpp}
+    overrides |= {"patches_per_slide": patches_per_slide, "test_fraction": test_fraction}
     spec = dataclasses.replace(SyntheticSpec(), **{k: v for k, v in overrides.items() if v is not None})
     print(json.dumps(generate_dataset(out, spec, workers=workers), indent=2))
 

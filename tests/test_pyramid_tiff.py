@@ -161,5 +161,5 @@ def test_bad_tiles_raise_and_interrupted_write_leaves_no_file(tmp_path):
     with pytest.raises(ValueError, match="ended early"):
         write_pyramid(path, iter([np.zeros((256, 256), np.uint8)]), (300, 300), channels=1, mpp=0.5)
     with pytest.raises(ValueError, match="JPEG"):
-        write_pyramid(path, lambda r, c, h, w: np.zeros((h, w), np.uint8), (300, 300), channels=1, mpp=0.5, compression="jpeg")
+        write_pyramid(path, _from_array(np.zeros((300, 300), np.uint8))[0], (300, 300), 1, mpp=0.5, compression="jpeg")
     assert not path.exists()

@@ -124,7 +124,8 @@ def test_crop_matches_slide_and_mask(dataset):
     stem = sorted((dataset / "patches" / "train" / "pos").glob("*.png"))[0].stem
     slide_name, x, y = stem.split("_x")[0], int(stem.split("_x")[1].split("_y")[0]), int(stem.split("_y")[1])
     crop = np.asarray(Image.open(dataset / "patches" / "train" / "pos" / f"{stem}.png")).astype(int)
-    region = np.asarray(openslide.OpenSlide(dataset / "slides" / f"{slide_name}.tif").read_region((x, y), 0, (256, 256)))
+    slide = openslide.OpenSlide(dataset / "slides" / f"{slide_name}.tif")
+    region = np.asarray(slide.read_region((x, y), 0, (256, 256)))
     assert np.abs(crop - region[..., :3]).mean() < 4  # lossless crop vs the JPEG slide at the same (x, y)
     with tifffile.TiffFile(dataset / "masks" / f"{slide_name}.tif") as tif:
         mask = tif.series[0].levels[0].asarray()[y : y + 256, x : x + 256]
@@ -147,9 +148,11 @@ def test_rendering_is_tile_local():
     layout = make_layout(seed=2, index=0, size=1024, positive=True)
     whole = render_tile(layout, 300, 200, 512, 512)
     for row, col in [(300, 200), (300, 456), (556, 200), (556, 456)]:
-        np.testing.assert_array_equal(render_tile(layout, row, col, 256, 256), whole[row - 300 : row + 256 - 300, col - 200 : col + 256 - 200])
+        expected = whole[row - 300 : row - 300 + 256, col - 200 : col - 200 + 256]
+        np.testing.assert_array_equal(render_tile(layout, row, col, 256, 256), expected)
     np.testing.assert_array_equal(render_tile(layout, 337, 251, 50, 70), whole[37:87, 51:121])
-    assert not np.array_equal(render_tile(make_layout(seed=3, index=0, size=1024, positive=True), 300, 200, 64, 64), whole[:64, :64])
+    other_seed = make_layout(seed=3, index=0, size=1024, positive=True)
+    assert not np.array_equal(render_tile(other_seed, 300, 200, 64, 64), whole[:64, :64])
 
 
 def test_tumour_inside_tissue_and_tissue_fraction():

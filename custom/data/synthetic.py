@@ -20,6 +20,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,7 @@ _NUCLEUS_MARGIN = 12  # largest nucleus radius, so neighbouring cells' nuclei th
 _GLAND_CELL = 160  # grid cell (pixels) of normal glands, at most one per cell
 _GLAND_MARGIN = 60  # largest gland radius (lumen + epithelium)
 _EPITHELIUM_WIDTH = 12.0
+_PATCH_FOLDERS = tuple(f"patches/{split}/{kind}" for split in ("train", "test") for kind in ("pos", "neg", "gt"))
 
 # hash keys: one per kind of random object, so that streams never collide
 _KEY_NUCLEUS, _KEY_GLAND, _KEY_EPITHELIUM, _KEY_NOISE, _KEY_STROMA_COARSE, _KEY_STROMA_FINE = range(6)
@@ -170,7 +172,7 @@ class SlideLayout:
     tissue: tuple[_Blob, ...]
     tumours_xy: tuple[np.ndarray, ...]
 
-    @property
+    @cached_property
     def tumour_paths(self) -> list[MplPath]:
         """Tumour polygons as matplotlib paths, for point-in-tumour tests of nucleus centres."""
         return [MplPath(p) for p in self.tumours_xy]
@@ -192,12 +194,13 @@ def _tissue_blobs(rng: np.random.Generator, size: int) -> tuple[_Blob, ...]:
     """One or two tissue blobs covering roughly 30-50% of the slide, redrawn until they do."""
     while True:
         if rng.random() < 0.5:
-            blobs = (_random_blob(rng, *(size * (0.5 + rng.uniform(-0.04, 0.04, 2))), size * rng.uniform(0.33, 0.38), 0.25),)
-        else:
-            offset = size * rng.uniform(0.2, 0.23)
-            angle = rng.uniform(0, np.pi)
+            cx, cy = size * (0.5 + rng.uniform(-0.04, 0.04, 2))
+            blobs = (_random_blob(rng, cx, cy, size * rng.uniform(0.33, 0.38), 0.25),)
+        else:  # two blobs either side of the centre
+            offset, angle = size * rng.uniform(0.2, 0.23), rng.uniform(0, np.pi)
+            dx, dy = offset * np.cos(angle), offset * np.sin(angle)
             blobs = tuple(
-                _random_blob(rng, size / 2 + s * offset * np.cos(angle), size / 2 + s * offset * np.sin(angle), size * rng.uniform(0.23, 0.27), 0.25)
+                _random_blob(rng, size / 2 + s * dx, size / 2 + s * dy, size * rng.uniform(0.23, 0.27), 0.25)
                 for s in (-1, 1)
             )
         layout = SlideLayout(size, 0, blobs, ())
@@ -214,10 +217,13 @@ def _tumour_polygons(rng: np.random.Generator, layout: SlideLayout, count: int) 
         blob = layout.tissue[rng.integers(len(layout.tissue))]
         theta, reach = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.6)
         r = reach * blob.radius_at(np.array(theta))
-        candidate = _random_blob(rng, blob.cx + r * np.cos(theta), blob.cy + r * np.sin(theta), layout.size * rng.uniform(0.05, 0.11), 0.3)
-        vertices = candidate.polygon()
+        cx, cy = blob.cx + r * np.cos(theta), blob.cy + r * np.sin(theta)
+        vertices = _random_blob(rng, cx, cy, layout.size * rng.uniform(0.05, 0.11), 0.3).polygon()
         inside = layout.in_tissue(vertices[:, 0], vertices[:, 1], margin).all()
-        apart = all(not MplPath(p).contains_points(vertices).any() and not MplPath(vertices).contains_points(p).any() for p in polygons)
+        apart = all(
+            not MplPath(p).contains_points(vertices).any() and not MplPath(vertices).contains_points(p).any()
+            for p in polygons
+        )
         if inside and apart:
             polygons.append(vertices)
     return tuple(polygons)
@@ -243,7 +249,7 @@ def tissue_fraction(layout: SlideLayout, step: int = 16) -> float:
 
 
 def render_mask(layout: SlideLayout, row: int, col: int, height: int, width: int) -> np.ndarray:
-    """(height, width) uint8 tumour mask (0 or 255) of a level-0 region at (row, col): the tumour polygons rasterised."""
+    """(height, width) uint8 tumour mask (0 or 255) of the level-0 region at (row, col): the polygons rasterised."""
     mask = np.zeros((height, width), np.uint8)
     for polygon_xy in layout.tumours_xy:
         x, y = polygon_xy[:, 0] - col, polygon_xy[:, 1] - row
@@ -255,12 +261,17 @@ def render_mask(layout: SlideLayout, row: int, col: int, height: int, width: int
 
 
 def _nuclei(layout: SlideLayout, row: int, col: int, height: int, width: int) -> np.ndarray:
-    """Tumour and stromal nuclei that may reach into the region: rows of (x, y, a, b, angle, irregularity, phase, darkness)."""
+    """Tumour and stromal nuclei that may reach into the region.
+
+    Rows of (x, y, semi-axis a, semi-axis b, angle, irregularity, phase, darkness), centres in level-0 (x, y).
+    """
     cell, reach = _NUCLEUS_CELL, _NUCLEUS_MARGIN
     cy = np.arange((row - reach) // cell, (row + height + reach) // cell + 1)
     cx = np.arange((col - reach) // cell, (col + width + reach) // cell + 1)
-    u = _hash_uniform(layout.seed, _KEY_NUCLEUS, cy[:, None, None, None], cx[None, :, None, None], np.arange(_NUCLEUS_SLOTS)[None, None, :, None], np.arange(9)[None, None, None, :])
-    u = u.reshape(-1, 9)
+    slot, attribute = np.arange(_NUCLEUS_SLOTS), np.arange(9)
+    cells_y, cells_x = cy[:, None, None, None], cx[None, :, None, None]
+    u = _hash_uniform(layout.seed, _KEY_NUCLEUS, cells_y, cells_x, slot[:, None], attribute)
+    u = u.reshape(-1, len(attribute))
     cyy, cxx = np.meshgrid(cy, cx, indexing="ij")
     x = (np.repeat(cxx.ravel(), _NUCLEUS_SLOTS) + u[:, 0]) * cell
     y = (np.repeat(cyy.ravel(), _NUCLEUS_SLOTS) + u[:, 1]) * cell
@@ -300,7 +311,7 @@ def _epithelial_nuclei(layout: SlideLayout, glands: np.ndarray) -> np.ndarray:
     rings = []
     for x, y, a, b, angle, gy, gx in glands:
         count = int(2 * np.pi * np.sqrt((a * a + b * b) / 2) / 9)
-        u = _hash_uniform(layout.seed, _KEY_EPITHELIUM, int(gy), int(gx), np.arange(count)[:, None], np.arange(4)[None, :])
+        u = _hash_uniform(layout.seed, _KEY_EPITHELIUM, int(gy), int(gx), np.arange(count)[:, None], np.arange(4))
         t = 2 * np.pi * (np.arange(count) + 0.15 * u[:, 0]) / count
         ex, ey = (a + 5) * np.cos(t), (b + 5) * np.sin(t)
         radius = 3.3 + 0.9 * u[:, 1]
@@ -375,7 +386,8 @@ def render_tile(layout: SlideLayout, row: int, col: int, height: int, width: int
         tissue = np.maximum(tissue, blob.alpha(row, col, height, width))
     # one 64-bit hash per pixel, split into three 16-bit uniforms: per-channel pixel noise
     bits = (_hash_uniform(layout.seed, _KEY_NOISE, rows[:, None], cols[None, :]) * 2.0**48).astype(np.uint64)
-    noise = np.stack([(bits >> np.uint64(16 * k)) & np.uint64(0xFFFF) for k in range(3)], axis=-1).astype(np.float32) / 65536
+    noise = np.stack([(bits >> np.uint64(16 * k)) & np.uint64(0xFFFF) for k in range(3)], axis=-1)
+    noise = noise.astype(np.float32) / 65536
 
     image = np.broadcast_to(_BACKGROUND, (height, width, 3)).copy()
     if tissue.any():
@@ -410,36 +422,43 @@ def _crop_fractions(layout: SlideLayout, row: int, col: int, size: int) -> tuple
     return float(tissue), float(tumour)
 
 
-def _crop_origins(layout: SlideLayout, rng: np.random.Generator, spec: SyntheticSpec, want_tumour: bool, count: int) -> list[tuple[int, int]]:
+def _crop_origins(
+    layout: SlideLayout, rng: np.random.Generator, size: int, want_tumour: bool, count: int
+) -> list[tuple[int, int]]:
     """Top-left (row, col) of crops that are mostly tissue: with a partial tumour fraction, or with no tumour."""
-    size, found, tries = spec.patch_size, [], 0
-    while len(found) < count and tries < 200 * count:
-        tries += 1
-        if want_tumour:
+    found: list[tuple[int, int]] = []
+    for _ in range(200 * count):
+        if len(found) == count:
+            break
+        if want_tumour:  # near a random boundary vertex, so the tumour fraction varies from crop to crop
             polygon = layout.tumours_xy[rng.integers(len(layout.tumours_xy))]
             x, y = polygon[rng.integers(len(polygon))] + rng.uniform(-0.9, 0.9, 2) * size - size / 2
         else:
             x, y = rng.uniform(0, layout.size - size, 2)
         row, col = int(np.clip(y, 0, layout.size - size)), int(np.clip(x, 0, layout.size - size))
         tissue, tumour = _crop_fractions(layout, row, col, size)
-        ok = 0.05 <= tumour <= 0.95 if want_tumour else tumour == 0
-        if tissue >= 0.8 and ok and (row, col) not in found:
+        wanted = 0.05 <= tumour <= 0.95 if want_tumour else tumour == 0
+        if tissue >= 0.8 and wanted and (row, col) not in found:
             found.append((row, col))
     return found
 
 
-def _write_patches(layout: SlideLayout, name: str, label: int, index: int, split: str, spec: SyntheticSpec, out: Path) -> dict[str, int]:
+def _write_patches(
+    layout: SlideLayout, name: str, label: int, index: int, split: str, spec: SyntheticSpec, out: Path
+) -> dict[str, int]:
     """Write this slide's crops (and the masks of positive ones) into ``patches/<split>/{pos,neg,gt}``."""
     rng = np.random.default_rng([spec.seed, index, spec.size, 1])
     n_pos = round(0.75 * spec.patches_per_slide) if label else 0
+    folder, size = out / "patches" / split, spec.patch_size
     counts = {}
     for kind, want_tumour, count in (("pos", True, n_pos), ("neg", False, spec.patches_per_slide - n_pos)):
-        origins = _crop_origins(layout, rng, spec, want_tumour, count)
+        origins = _crop_origins(layout, rng, size, want_tumour, count)
         for row, col in origins:
             stem = f"{name}_x{col}_y{row}"  # level-0 (x, y) of the crop's top-left pixel
-            Image.fromarray(render_tile(layout, row, col, spec.patch_size, spec.patch_size)).save(out / "patches" / split / kind / f"{stem}.png", compress_level=1)
+            crop = Image.fromarray(render_tile(layout, row, col, size, size))
+            crop.save(folder / kind / f"{stem}.png", compress_level=1)
             if want_tumour:
-                Image.fromarray(render_mask(layout, row, col, spec.patch_size, spec.patch_size), mode="L").save(out / "patches" / split / "gt" / f"{stem}.png")
+                Image.fromarray(render_mask(layout, row, col, size, size), mode="L").save(folder / "gt" / f"{stem}.png")
         counts[kind] = len(origins)
     return counts
 
@@ -448,8 +467,10 @@ def _generate_slide(spec: SyntheticSpec, index: int, name: str, label: int, spli
     """Write one slide, its mask, its XML and its crops; return its summary row."""
     layout = make_layout(spec.seed, index, spec.size, positive=bool(label))
     shape = (spec.size, spec.size)
-    write_pyramid(out / "slides" / f"{name}.tif", lambda r, c, h, w: render_tile(layout, r, c, h, w), shape, 3, spec.mpp, spec.tile)
-    write_pyramid(out / "masks" / f"{name}.tif", lambda r, c, h, w: render_mask(layout, r, c, h, w), shape, 1, spec.mpp, spec.tile)
+    slide_tiles = partial(render_tile, layout)
+    mask_tiles = partial(render_mask, layout)
+    write_pyramid(out / "slides" / f"{name}.tif", slide_tiles, shape, channels=3, mpp=spec.mpp, tile=spec.tile)
+    write_pyramid(out / "masks" / f"{name}.tif", mask_tiles, shape, channels=1, mpp=spec.mpp, tile=spec.tile)
     write_asap_xml(out / "annotations" / f"{name}.xml", layout.tumours_xy)
     counts = _write_patches(layout, name, label, index, split, spec, out)
     return {"slide": name, "label": label, "split": split, "tumours": len(layout.tumours_xy), **counts}
@@ -457,26 +478,40 @@ def _generate_slide(spec: SyntheticSpec, index: int, name: str, label: int, spli
 
 def _readme(spec: SyntheticSpec, rows: list[dict]) -> str:
     """Plain-text description of what was generated and how, written next to the data."""
+    n = spec.patch_size
     lines = [
         "Synthetic H&E-like data generated by custom.data.synthetic (scripts/make_synthetic.py).",
         f"Spec: {json.dumps(asdict(spec))}",
         "",
-        f"slides/*.tif       {spec.size}x{spec.size} px RGB, JPEG, tile {spec.tile}, pyramidal BigTIFF, {spec.mpp} um/px at level 0.",
+        f"slides/*.tif       {spec.size}x{spec.size} px RGB, JPEG, tile {spec.tile}, pyramidal BigTIFF, "
+        f"{spec.mpp} um/px at level 0.",
         "masks/*.tif        tumour ground truth, uint8 0 (background) / 255 (tumour), LZW, same geometry as the slide.",
-        "annotations/*.xml  the same tumour polygons as ASAP XML (group _0), level-0 (x, y); negative slides have none.",
+        "annotations/*.xml  the same tumour polygons as ASAP XML (group _0), level-0 (x, y); negative slides: none.",
         "slides.csv         slide,label,mask,annotation (paths relative to this folder; label 1 = contains tumour).",
-        f"patches/{{train,test}}/{{pos,neg,gt}}/*.png  {spec.patch_size}x{spec.patch_size} crops named <slide>_x<X>_y<Y> (level-0 top-left);",
+        f"patches/{{train,test}}/{{pos,neg,gt}}/*.png  {n}x{n} crops named <slide>_x<X>_y<Y> (level-0 top-left);",
         "                   pos = tumour covers 5-95% of the crop, gt/<same name>.png its 0/255 mask; neg = no tumour.",
         "                   Every crop is at least 80% tissue. Train/test are split by slide:",
         "",
     ]
-    lines += [f"  {r['slide']}  label={r['label']}  split={r['split']}  tumours={r['tumours']}  pos={r['pos']}  neg={r['neg']}" for r in rows]
+    for r in rows:
+        counts = f"tumours={r['tumours']}  pos={r['pos']}  neg={r['neg']}"
+        lines.append(f"  {r['slide']}  label={r['label']}  split={r['split']}  {counts}")
     lines += [
         "",
         "Tumour differs from normal tissue by morphology (crowded, large, irregular nuclei; no glands), drawn with the",
         "same stain colours as normal tissue (pink stroma, purple nuclei, white gland lumens).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _write_slides_csv(path: Path, rows: list[dict]) -> None:
+    """slides.csv with paths relative to its own folder."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["slide", "label", "mask", "annotation"])
+        for r in rows:
+            name = r["slide"]
+            writer.writerow([f"slides/{name}.tif", r["label"], f"masks/{name}.tif", f"annotations/{name}.xml"])
 
 
 def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, workers: int = 1) -> dict:
@@ -493,7 +528,7 @@ def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, 
     building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     building.chmod(0o755)  # mkdtemp makes it private; the data set is meant to be shared
     try:
-        for sub in ("slides", "masks", "annotations", *(f"patches/{s}/{k}" for s in ("train", "test") for k in ("pos", "neg", "gt"))):
+        for sub in ("slides", "masks", "annotations", *_PATCH_FOLDERS):
             (building / sub).mkdir(parents=True)
         jobs = [(spec, i, name, label, split, building) for i, (name, label, split) in enumerate(_slide_labels(spec))]
         if workers > 1:
@@ -501,10 +536,7 @@ def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, 
                 rows = list(pool.map(_generate_slide, *zip(*jobs)))
         else:
             rows = [_generate_slide(*job) for job in jobs]
-        with open(building / "slides.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["slide", "label", "mask", "annotation"])
-            writer.writerows([f"slides/{r['slide']}.tif", r["label"], f"masks/{r['slide']}.tif", f"annotations/{r['slide']}.xml"] for r in rows)
+        _write_slides_csv(building / "slides.csv", rows)
         (building / "README.txt").write_text(_readme(spec, rows))
         summary = {"spec": asdict(spec), "slides": rows, "seconds": round(time.perf_counter() - start, 2)}
         (building / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2))
@@ -520,10 +552,13 @@ def ensure_sample_data(out: str | os.PathLike, spec: SyntheticSpec | None = None
     """Return ``out`` holding the sample data set, generating it only if its completion marker is missing."""
     out, spec = Path(out), spec or SyntheticSpec()
     marker = out / COMPLETE_MARKER
-    if marker.exists():
-        made_with = json.loads(marker.read_text())["spec"]
-        if made_with != asdict(spec):
-            raise FileExistsError(f"{out}: holds synthetic data made with {made_with}, not the requested {asdict(spec)}")
-        return out
-    generate_dataset(out, spec, workers=min(2, os.cpu_count() or 1))
+    if not marker.exists():
+        try:
+            generate_dataset(out, spec, workers=min(2, os.cpu_count() or 1))
+        except OSError:
+            if not marker.exists():  # else another process (e.g. another rank) finished it first
+                raise
+    made_with = json.loads(marker.read_text())["spec"]
+    if made_with != asdict(spec):
+        raise FileExistsError(f"{out}: holds synthetic data made with {made_with}, not the requested {asdict(spec)}")
     return out

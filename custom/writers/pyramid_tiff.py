@@ -116,7 +116,8 @@ class _BlockStore:
             for col in range(0, shape_hw[1], tile):
                 grid_row, grid_col = 2 * row // tile, 2 * col // tile
                 blocks = [[self.get(grid_row + i, grid_col + j) for j in (0, 1)] for i in (0, 1)]
-                rows = [np.concatenate([b for b in pair if b is not None], axis=1) for pair in blocks if pair[0] is not None]
+                present = [[b for b in pair if b is not None] for pair in blocks]  # None: past the right/bottom edge
+                rows = [np.concatenate(pair, axis=1) for pair in present if pair]
                 yield _pad_tile(np.concatenate(rows, axis=0), tile)
 
     def close(self) -> None:
