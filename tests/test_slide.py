@@ -36,6 +36,7 @@ def test_each_backend_reads_exact_pixels_at_each_level(lossless, backend):
             region = slide.read_region((x, y), (60, 50), level)
             expected = IMAGE[::step, ::step][y // step : y // step + 50, x // step : x // step + 60]
             np.testing.assert_array_equal(region, expected)
+            assert region.flags.writeable and region.flags.c_contiguous
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

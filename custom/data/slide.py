@@ -82,7 +82,7 @@ class Slide:
             level: pyramid level.
 
         Returns:
-            ``(height, width, 3)`` uint8 RGB array.
+            a writable, C-contiguous ``(height, width, 3)`` uint8 RGB array.
         """
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} requested but the slide has {self.level_count} levels")
@@ -111,7 +111,7 @@ class Slide:
         if self.backend == "cucim":
             return np.asarray(handle.read_region(location=location_xy, size=size_wh, level=level))[..., :3]
         if self.backend == "openslide":
-            return np.asarray(handle.read_region(location_xy, level, size_wh).convert("RGB"))
+            return np.array(handle.read_region(location_xy, level, size_wh).convert("RGB"))  # PIL arrays are read-only
         ds = self.level_downsamples[level]
         page = handle.series[0].levels[level].keyframe
         return _read_tiff_region(page, int(location_xy[1] // ds), int(location_xy[0] // ds), size_wh[1], size_wh[0])
@@ -140,7 +140,7 @@ class Slide:
 def _read_tiff_region(page: Any, row0: int, col0: int, height: int, width: int) -> np.ndarray:
     """Decode only the TIFF tiles that overlap a ``(row, col)`` box of one tifffile page (no zarr needed)."""
     if not page.is_tiled:
-        return page.asarray()[row0 : row0 + height, col0 : col0 + width, :3]
+        return np.ascontiguousarray(page.asarray()[row0 : row0 + height, col0 : col0 + width, :3])
     if page.dtype != np.uint8:
         raise ValueError(f"only 8-bit slides are supported, this page holds {page.dtype}")
     tile_h, tile_w = page.tilelength, page.tilewidth
@@ -159,7 +159,7 @@ def _read_tiff_region(page: Any, row0: int, col0: int, height: int, width: int) 
         r, c = r - tile_rows.start, c - tile_cols.start
         mosaic[r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w] = tile.reshape(tile_h, tile_w, -1)
     top, left = row0 - tile_rows.start * tile_h, col0 - tile_cols.start * tile_w
-    return mosaic[top : top + height, left : left + width, :3]
+    return np.ascontiguousarray(mosaic[top : top + height, left : left + width, :3])
 
 
 def _open_handle(path: str, backend: str, reader: WSIReader | None = None) -> Any:
