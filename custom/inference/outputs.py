@@ -1,0 +1,211 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Per-slide output files made from a blended probability raster, streamed band by band from disk.
+
+For a slide ``<name>`` (all in ``<output_dir>/<name>/``):
+
+* ``<name>_prob.tif``   uint8 probability x 255, tiled LZW pyramidal BigTIFF, levels averaged;
+* ``<name>_mask.tif``   uint8 0/255 tumour mask, the same geometry, levels by nearest neighbour;
+* ``<name>.geojson``    QuPath FeatureCollection of tumour polygons (holes as interior rings), level-0 ``(x, y)``;
+* ``<name>.xml``        ASAP XML (Camelyon16): outlines in group ``_0``, their holes in the exclusion group ``_2``;
+* ``<name>_overlay.png`` slide thumbnail with the mask tinted red and outlined;
+* ``<name>_summary.json`` areas, scores, geometry and timings; written LAST, so its presence means complete.
+
+Both TIFFs are written at the inferred level: their level 0 is the slide's level ``level`` (downsample ``ds``), and
+their resolution tags say ``mpp = slide level-0 mpp x ds``, so viewers that place overlays by physical size (QuPath,
+ASAP) align them with the slide; the summary records ``downsample`` to scale pixel coordinates by hand.
+Tumour is where the stored value is at least ``round(255 x threshold)``.
+Plain images get ``<name>_mask.png`` (0/255), ``<name>_prob.nii.gz`` (float32 ``(rows, cols)``) and the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from skimage.io import imsave
+from skimage.segmentation import find_boundaries
+from skimage.transform import resize
+
+from custom.data.tissue import ASSUMED_LEVEL0_MPP
+from custom.inference.polygons import mask_polygons
+from custom.inference.stitch import read_raster_rows
+from custom.inference.wsi import SlidePrediction
+from custom.writers.asap_xml import write_asap_xml
+from custom.writers.geojson import write_qupath_geojson
+from custom.writers.pyramid_tiff import write_pyramid
+
+__all__ = ["SUMMARY_SUFFIX", "SCORE_DEFINITION", "RasterTiles", "summary_path", "write_slide_outputs",
+           "write_image_outputs"]
+
+SUMMARY_SUFFIX = "_summary.json"
+SCORE_DEFINITION = "mean of the top_k highest pixel probabilities of the map (robust to isolated hot pixels)"
+_TILE = 256
+
+
+def summary_path(output_dir: str | os.PathLike, name: str) -> Path:
+    """The summary JSON of slide ``name``: the marker of a completed slide (resume skips it)."""
+    return Path(output_dir) / name / f"{name}{SUMMARY_SUFFIX}"
+
+
+class RasterTiles:
+    """``write_pyramid`` tile source over a raw raster: reads one band of rows at a time, optionally thresholded."""
+
+    def __init__(self, path: Path, shape_hw: tuple[int, int], threshold: int | None = None) -> None:
+        self.path, self.shape_hw, self.threshold = path, shape_hw, threshold
+        self.band_row, self.band = -1, np.zeros((0, 0), np.uint8)
+
+    def __call__(self, row: int, col: int, height: int, width: int) -> np.ndarray:
+        if row != self.band_row:
+            self.band_row, self.band = row, read_raster_rows(self.path, self.shape_hw, row, height)
+            if self.threshold is not None:
+                self.band = np.where(self.band >= self.threshold, 255, 0).astype(np.uint8)
+        return self.band[:height, col : col + width]
+
+
+@dataclass
+class RasterStats:
+    """What one streaming pass over the raster gathers: value histogram and a reduced tumour mask."""
+
+    histogram: np.ndarray
+    mask: np.ndarray
+    factor: int
+
+
+def raster_stats(prediction: SlidePrediction, threshold: int, max_side: int) -> RasterStats:
+    """Histogram of the uint8 raster, and the tumour mask reduced by a power of two (majority vote) to ``max_side``."""
+    height, width = prediction.shape_hw
+    factor = 1
+    while max(height, width) > max_side * factor:
+        factor *= 2
+    histogram = np.zeros(256, np.int64)
+    mask = np.zeros((-(-height // factor), -(-width // factor)), bool)
+    band = factor * max(1, _TILE // factor)
+    for row in range(0, height, band):
+        values = read_raster_rows(prediction.raster, prediction.shape_hw, row, band)
+        histogram += np.bincount(values.ravel(), minlength=256)
+        tumour = values >= threshold
+        pad = ((0, -tumour.shape[0] % factor), (0, -tumour.shape[1] % factor))
+        blocks = np.pad(tumour, pad).reshape(-1, factor, mask.shape[1], factor)
+        mask[row // factor : row // factor + blocks.shape[0]] = blocks.mean(axis=(1, 3)) >= 0.5
+    return RasterStats(histogram, mask, factor)
+
+
+def top_k_mean(histogram: np.ndarray, k: int) -> float:
+    """Mean probability of the ``k`` highest uint8 values, from their histogram (no pixel array needed)."""
+    counts = histogram[::-1]
+    taken = np.minimum(counts, np.maximum(k - (np.cumsum(counts) - counts), 0))
+    total = taken.sum()
+    return float((taken * np.arange(255, -1, -1)).sum() / (255.0 * total)) if total else 0.0
+
+
+def _overlay(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The thumbnail with the tumour mask (resized to it by nearest neighbour) tinted red and outlined."""
+    mask = resize(mask, thumbnail.shape[:2], order=0, anti_aliasing=False, preserve_range=True).astype(bool)
+    out = thumbnail.astype(np.float32)
+    out[mask] = 0.55 * out[mask] + 0.45 * np.array([255.0, 0.0, 0.0])
+    out[find_boundaries(mask, mode="inner")] = (200, 0, 0)
+    return out.astype(np.uint8)
+
+
+def write_slide_outputs(
+    prediction: SlidePrediction,
+    output_dir: str | os.PathLike,
+    name: str,
+    threshold: float = 0.5,
+    min_area_um2: float = 2_000.0,
+    simplify_px: float = 1.0,
+    top_k: int = 1000,
+    max_polygon_side: int = 8192,
+) -> dict:
+    """Write every output file of one slide and return its summary (also written, last, as JSON)."""
+    start = time.perf_counter()
+    folder = Path(output_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    level0_mpp = prediction.level0_mpp or ASSUMED_LEVEL0_MPP
+    ds = prediction.downsample
+    cut = int(np.rint(255 * threshold))
+    stats = raster_stats(prediction, cut, max_polygon_side)
+    shape = prediction.shape_hw
+    files = {
+        "prob": write_pyramid(folder / f"{name}_prob.tif", RasterTiles(prediction.raster, shape), shape, 1,
+                              level0_mpp * ds, downsample="mean"),
+        "mask": write_pyramid(folder / f"{name}_mask.tif", RasterTiles(prediction.raster, shape, cut), shape, 1,
+                              level0_mpp * ds),
+    }
+    polygons = mask_polygons(stats.mask, ds * stats.factor, min_area_um2 / level0_mpp**2, simplify_px)
+    files["geojson"] = write_qupath_geojson(folder / f"{name}.geojson", polygons)
+    rings = [np.asarray(p.exterior.coords)[:-1] for p in polygons]
+    holes = [np.asarray(h.coords)[:-1] for p in polygons for h in p.interiors]
+    files["asap_xml"] = write_asap_xml(folder / f"{name}.xml", rings + holes, ["_0"] * len(rings) + ["_2"] * len(holes))
+    tissue = prediction.tissue
+    if tissue is not None and tissue.thumbnail is not None:
+        files["overlay"] = folder / f"{name}_overlay.png"
+        imsave(files["overlay"], _overlay(tissue.thumbnail, stats.mask), check_contrast=False)
+    tumour_px = int(stats.histogram[cut:].sum())
+    tumour_mm2 = tumour_px * (level0_mpp * ds) ** 2 / 1e6
+    tissue_mm2 = float(tissue.mask.sum()) * (level0_mpp * tissue.downsample) ** 2 / 1e6 if tissue is not None else None
+    prediction.timings["write"] = time.perf_counter() - start
+    prediction.timings["wall"] = prediction.timings.get("wall", 0.0) + prediction.timings["write"]
+    summary = {
+        "slide": prediction.source,
+        "name": name,
+        "tissue_found": bool(prediction.n_tiles),
+        "message": "ok" if prediction.n_tiles else "no tissue found: nothing was inferred, the mask is empty",
+        "n_tiles": prediction.n_tiles,
+        "level": prediction.level,
+        "downsample": ds,
+        "level0_size_wh": list(prediction.level0_wh),
+        "output_size_wh": [shape[1], shape[0]],
+        "level0_mpp": level0_mpp,
+        "mpp_assumed": prediction.level0_mpp is None,
+        "output_mpp": level0_mpp * ds,
+        "threshold": threshold,
+        "tumour_area_mm2": tumour_mm2,
+        "tissue_area_mm2": tissue_mm2,
+        "tumour_fraction_of_tissue": min(tumour_mm2 / tissue_mm2, 1.0) if tissue_mm2 else 0.0,
+        "max_probability": float(np.flatnonzero(stats.histogram)[-1] / 255.0),
+        "score": top_k_mean(stats.histogram, top_k),
+        "score_definition": SCORE_DEFINITION.replace("top_k", str(top_k)),
+        "n_regions": len(polygons),
+        "polygon_downsample": ds * stats.factor,
+        "timings_s": {k: round(v, 4) for k, v in prediction.timings.items()},
+        "files": {k: Path(v).name for k, v in files.items()},
+    }
+    summary_path(output_dir, name).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def write_image_outputs(
+    prediction: SlidePrediction, output_dir: str | os.PathLike, name: str, threshold: float = 0.5, top_k: int = 1000
+) -> dict:
+    """Write the PNG mask, the NIfTI probability map and the summary of a plain image; return the summary."""
+    folder = Path(output_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    values = read_raster_rows(prediction.raster, prediction.shape_hw, 0, prediction.shape_hw[0])
+    cut = int(np.rint(255 * threshold))
+    mask = np.where(values >= cut, 255, 0).astype(np.uint8)
+    files = {"mask": folder / f"{name}_mask.png", "prob": folder / f"{name}_prob.nii.gz"}
+    imsave(files["mask"], mask, check_contrast=False)
+    spacing = prediction.level0_mpp or 1.0
+    nib.save(nib.Nifti1Image(values.astype(np.float32) / 255.0, np.diag([spacing, spacing, 1.0, 1.0])), files["prob"])
+    histogram = np.bincount(values.ravel(), minlength=256)
+    summary = {
+        "slide": prediction.source,
+        "name": name,
+        "n_tiles": prediction.n_tiles,
+        "output_size_wh": [prediction.shape_hw[1], prediction.shape_hw[0]],
+        "threshold": threshold,
+        "tumour_fraction_of_image": float((mask > 0).mean()),
+        "max_probability": float(values.max() / 255.0),
+        "score": top_k_mean(histogram, top_k),
+        "score_definition": SCORE_DEFINITION.replace("top_k", str(top_k)),
+        "timings_s": {k: round(v, 4) for k, v in prediction.timings.items()},
+        "files": {k: v.name for k, v in files.items()},
+    }
+    summary_path(output_dir, name).write_text(json.dumps(summary, indent=2))
+    return summary

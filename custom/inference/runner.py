@@ -1,0 +1,183 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Inference over a list of slides and images: checkpoint loading, resume, per-slide failures, a run summary.
+
+This is the ``evaluator`` of ``bundle/configs/inference.json``: ``run()`` checks that the output folder is writable
+and that the checkpoint fits the network BEFORE any slide is read, skips slides whose summary JSON exists (it is
+written last), records a slide that fails (file name and error) and goes on with the others, and writes
+``run_summary.json`` listing what was done, skipped and failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from custom.data.datalist import load_slide_datalist
+from custom.data.slide import BACKENDS, open_slide
+from custom.inference.outputs import summary_path, write_image_outputs, write_slide_outputs
+from custom.inference.plain_image import PlainImage
+from custom.inference.wsi import WholeSlideInferer
+
+__all__ = ["SLIDE_SUFFIXES", "PLAIN_SUFFIXES", "SlideInferenceError", "inference_items", "load_checkpoint",
+           "SlideInferenceRunner"]
+
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+logger = logging.getLogger(__name__)
+
+
+class SlideInferenceError(RuntimeError):
+    """Some slides failed; the message lists each with its error (the other slides were completed)."""
+
+
+def _item(path: Path) -> dict:
+    """An inference item for one file: plain images by suffix, everything else is read as a slide."""
+    kind = "image" if path.suffix.lower() in PLAIN_SUFFIXES else "slide"
+    return {"path": str(path), "name": path.stem, "kind": kind}
+
+
+def _listed(entry: str | os.PathLike | dict) -> dict:
+    """An item for one entry of a list given in the config: a path, or a datalist dict with a ``slide`` key."""
+    if isinstance(entry, dict):
+        return _item(Path(entry["slide"])) | ({"label": entry["label"]} if "label" in entry else {})
+    return _item(Path(entry))
+
+
+def inference_items(source: str | os.PathLike | Sequence) -> list[dict]:
+    """Resolve the ``input`` of inference.json into ``{"path", "name", "kind"}`` items.
+
+    ``source`` is a slide list (CSV/JSON read by ``custom.data.load_slide_datalist``), a folder (its slides and
+    plain images, sorted), one slide or image file, or a list of paths or of datalist dicts (``slide`` key).
+    """
+    if isinstance(source, (list, tuple)):
+        return [_listed(entry) for entry in source]
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES + PLAIN_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"input folder {path} holds no slide {SLIDE_SUFFIXES} or image {PLAIN_SUFFIXES}")
+        return [_item(p) for p in files]
+    if path.suffix.lower() in (".csv", ".json"):
+        return [_listed(row) for row in load_slide_datalist(path)]
+    if not path.is_file():
+        raise FileNotFoundError(f"inference input not found: {path} (config key 'input')")
+    return [_item(path)]
+
+
+def load_checkpoint(network: torch.nn.Module, ckpt_path: str | os.PathLike | None) -> torch.nn.Module:
+    """Load a plain state_dict into ``network``, explaining a missing file or a mismatch by the config keys."""
+    if ckpt_path is None:
+        return network
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(
+            f"no trained model at {ckpt_path} (config key 'ckpt_path'): train one with bundle/configs/train.json, "
+            "or set ckpt_path to a state_dict of 'network_def'"
+        )
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        network.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"checkpoint {ckpt_path} (config key 'ckpt_path') does not match the network built by 'network_def' "
+            f"(check e.g. 'network_width'): {str(err).splitlines()[0]}"
+        ) from err
+    return network
+
+
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written there, before any work is done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PermissionError(f"output folder {folder} is not writable (config key 'output_dir'): {err}") from err
+
+
+class SlideInferenceRunner:
+    """Runs a ``WholeSlideInferer`` over every item and writes their outputs (see ``custom.inference.outputs``).
+
+    Args:
+        network: the segmenter (``network_def`` moved to the device), or a TorchScript module.
+        inferer: the whole-slide engine with the tiling knobs.
+        dataset: what ``inference_items`` accepts (a slide list, a folder, a file, a list).
+        output_dir: one subfolder per slide is written here.
+        ckpt_path: a state_dict of ``network``; None uses the network as given (e.g. TorchScript).
+        preprocessing: applied to each (3, H, W) float tile in [0, 1] (the training normalisation).
+        threshold: tumour where the probability is at least this.
+        min_area_um2: tumour regions smaller than this are left out of the GeoJSON and XML.
+        simplify_px: outline simplification tolerance in output-map pixels.
+        top_k: pixels averaged into the slide score (see ``outputs.SCORE_DEFINITION``).
+        backends: slide reader backends, tried in order per file.
+        overwrite: re-infer slides that already have a summary.
+        raise_on_failure: after all slides, raise ``SlideInferenceError`` if any failed.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        inferer: WholeSlideInferer,
+        dataset: str | os.PathLike | Sequence,
+        output_dir: str | os.PathLike,
+        ckpt_path: str | os.PathLike | None = None,
+        preprocessing: Callable | None = None,
+        threshold: float = 0.5,
+        min_area_um2: float = 2_000.0,
+        simplify_px: float = 1.0,
+        top_k: int = 1000,
+        backends: Sequence[str] = BACKENDS,
+        overwrite: bool = False,
+        raise_on_failure: bool = True,
+    ) -> None:
+        self.network, self.inferer, self.dataset = network, inferer, dataset
+        self.output_dir, self.ckpt_path, self.preprocessing = Path(output_dir), ckpt_path, preprocessing
+        self.threshold, self.min_area_um2, self.simplify_px, self.top_k = threshold, min_area_um2, simplify_px, top_k
+        self.backends, self.overwrite, self.raise_on_failure = tuple(backends), overwrite, raise_on_failure
+
+    def infer_item(self, item: dict) -> dict:
+        """Infer one slide or image and write its outputs; the scratch raster is removed afterwards."""
+        folder = self.output_dir / item["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        raster = folder / f".{item['name']}.prob.raw"
+        try:
+            if item["kind"] == "image":
+                prediction = self.inferer(PlainImage.read(item["path"]), self.network, raster, self.preprocessing,
+                                          detect=False)
+                return write_image_outputs(prediction, self.output_dir, item["name"], self.threshold, self.top_k)
+            with open_slide(item["path"], self.backends) as slide:
+                prediction = self.inferer(slide, self.network, raster, self.preprocessing)
+            return write_slide_outputs(prediction, self.output_dir, item["name"], self.threshold, self.min_area_um2,
+                                       self.simplify_px, self.top_k)
+        finally:
+            raster.unlink(missing_ok=True)
+
+    def run(self) -> dict:
+        """Infer every item not yet done; return (and write as ``run_summary.json``) done/skipped/failed."""
+        _check_writable(self.output_dir)
+        items = inference_items(self.dataset)
+        load_checkpoint(self.network, self.ckpt_path)
+        report: dict[str, list] = {"done": [], "skipped": [], "failed": []}
+        for item in items:
+            if not self.overwrite and summary_path(self.output_dir, item["name"]).is_file():
+                report["skipped"].append(item["path"])
+                continue
+            try:
+                summary = self.infer_item(item)
+            except Exception as err:  # one bad slide must not stop the run; it is named in the log and summary
+                logger.error("inference failed for %s: %s: %s", item["path"], type(err).__name__, err)
+                report["failed"].append({"slide": item["path"], "error": f"{type(err).__name__}: {err}"})
+                continue
+            report["done"].append(item["path"])
+            logger.info("%s: score %.3f, tumour %.3f mm2", item["name"], summary["score"],
+                        summary.get("tumour_area_mm2", 0.0))
+        (self.output_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
+        if report["failed"] and self.raise_on_failure:
+            listed = "\n  ".join(f"{f['slide']}: {f['error']}" for f in report["failed"])
+            raise SlideInferenceError(f"{len(report['failed'])} of {len(items)} inputs failed:\n  {listed}")
+        return report

@@ -1,0 +1,96 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Blending overlapping tile predictions into a slide-sized uint8 raster on disk, one band of rows at a time.
+
+Tiles must arrive in row-major order of their top row (the order of ``custom.data.grid.make_tile_grid``): once a
+tile starting at row ``r`` arrives, every row above ``r`` is final, is normalised by its summed blending weights
+and is written out. Memory is therefore one tile-high float band of the level's width, whatever its height.
+
+Coordinates: ``row``/``col`` and ``(height, width)`` are pixels of the inferred level, numpy order.
+The raster file is raw row-major uint8 (probability x 255, rounded); rows no tile reached stay 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data.utils import compute_importance_map
+
+__all__ = ["importance_map", "StripMerger", "read_raster_rows"]
+
+
+def importance_map(tile_size: int, mode: str = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """MONAI's blending weights for one tile (as ``SlidingWindowInferer`` uses), floored so no weight is 0."""
+    weights = compute_importance_map((tile_size, tile_size), mode=mode, sigma_scale=sigma_scale, device="cpu")
+    weights = weights.to(torch.float32).numpy()
+    return np.maximum(weights, weights[weights > 0].min())
+
+
+class StripMerger:
+    """Accumulates weighted tile probabilities in a band of rows and flushes finished rows to a raw uint8 file.
+
+    Args:
+        path: the raw raster to create (``height * width`` bytes, row-major).
+        shape_hw: ``(height, width)`` of the inferred level.
+        weights: ``(tile, tile)`` blending weights (see :func:`importance_map`).
+    """
+
+    def __init__(self, path: str | os.PathLike, shape_hw: tuple[int, int], weights: np.ndarray) -> None:
+        self.path, self.shape_hw, self.weights = Path(path), (int(shape_hw[0]), int(shape_hw[1])), weights
+        tile = weights.shape[0]
+        self.sum = np.zeros((tile, self.shape_hw[1]), np.float32)
+        self.weight_sum = np.zeros((tile, self.shape_hw[1]), np.float32)
+        self.top = 0
+        self.file = open(self.path, "w+b")
+        self.file.truncate(self.shape_hw[0] * self.shape_hw[1])  # sparse zeros: rows without tiles stay 0
+
+    def add(self, row: int, col: int, probability: np.ndarray) -> None:
+        """Blend one ``(tile, tile)`` probability tile whose top-left pixel is ``(row, col)``."""
+        if row < self.top:
+            raise ValueError(f"{self.path}: tile at row {row} arrived after rows up to {self.top} were written")
+        self._advance(row)
+        tile = self.weights.shape[0]
+        height, width = min(tile, self.shape_hw[0] - row), min(tile, self.shape_hw[1] - col)
+        if height <= 0 or width <= 0:
+            return
+        r = row - self.top
+        weights = self.weights[:height, :width]
+        self.sum[r : r + height, col : col + width] += probability[:height, :width] * weights
+        self.weight_sum[r : r + height, col : col + width] += weights
+
+    def _advance(self, row: int) -> None:
+        """Write the rows above ``row`` (they are final) and slide the band down to start at ``row``."""
+        done = min(row - self.top, self.sum.shape[0])
+        if done <= 0:
+            return
+        self._write_rows(done)
+        self.sum[:-done], self.weight_sum[:-done] = self.sum[done:].copy(), self.weight_sum[done:].copy()
+        self.sum[-done:], self.weight_sum[-done:] = 0.0, 0.0
+        self.top = row
+
+    def _write_rows(self, count: int) -> None:
+        """Normalise the band's first ``count`` rows and write them at their place in the file."""
+        count = min(count, self.shape_hw[0] - self.top)
+        if count <= 0:
+            return
+        weight = self.weight_sum[:count]
+        probability = np.divide(self.sum[:count], weight, out=np.zeros_like(weight), where=weight > 0)
+        values = np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+        os.pwrite(self.file.fileno(), values.tobytes(), self.top * self.shape_hw[1])
+
+    def close(self) -> Path:
+        """Write the remaining rows and close the file; returns its path."""
+        if not self.file.closed:
+            self._write_rows(self.sum.shape[0])
+            self.file.close()
+        return self.path
+
+
+def read_raster_rows(path: str | os.PathLike, shape_hw: tuple[int, int], row: int, count: int) -> np.ndarray:
+    """Read rows ``[row, row + count)`` of a raw uint8 raster as ``(rows, width)`` without mapping the file."""
+    height, width = shape_hw
+    count = max(0, min(count, height - row))
+    data = np.fromfile(path, dtype=np.uint8, count=count * width, offset=row * width)
+    return data.reshape(count, width)

@@ -1,0 +1,213 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""The whole-slide sliding-window engine: tissue tiles only, read ahead in worker processes, blended to disk.
+
+One slide at a time: detect tissue, lay a tile grid at the chosen level (by index or microns per pixel), read and
+normalise tiles in DataLoader workers (each opens the slide lazily, as cuCIM handles cannot be pickled) while the
+main process runs the network on batches, and blend the probability tiles with MONAI's Gaussian importance map
+into a raw uint8 raster on disk (``StripMerger``). The slide-sized float output is never held in memory.
+
+Coordinates: tile positions are LEVEL-0 ``(x, y)`` pixels (``TileGrid``); the raster is ``(rows, cols)`` of the
+inferred level; a raster pixel ``(r, c)`` covers level-0 ``[c * ds, (c + 1) * ds) x [r * ds, (r + 1) * ds)``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from custom.data.grid import TileGrid, make_tile_grid
+from custom.data.slide import BACKENDS, Slide, select_level
+from custom.data.tissue import TissueMask, detect_tissue
+from custom.inference.stitch import StripMerger, importance_map
+
+__all__ = ["STAGES", "SlidePrediction", "TileDataset", "WholeSlideInferer"]
+
+STAGES = ("tissue", "read", "preprocess", "wait", "model", "stitch", "write")
+"""Timed stages; ``read`` and ``preprocess`` run in the workers (summed over tiles), ``wait`` is the main process
+waiting for a batch, so ``model / wall`` is the share of time the network runs."""
+
+
+class TileDataset(Dataset):
+    """The tiles of one slide, read and normalised where the DataLoader runs them (worker processes).
+
+    Items: ``image`` (3, tile, tile) float32 after ``preprocessing``, ``index`` into the grid, and the seconds spent
+    reading and preprocessing it.
+    """
+
+    def __init__(self, slide: Slide, grid: TileGrid, preprocessing: Callable | None = None) -> None:
+        self.slide, self.grid, self.preprocessing = slide, grid, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def __getitem__(self, index: int) -> dict:
+        start = time.perf_counter()
+        size = (self.grid.tile_size, self.grid.tile_size)
+        tile = self.slide.read_region((int(self.grid.x[index]), int(self.grid.y[index])), size, self.grid.level)
+        read = time.perf_counter()
+        image = torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1).float().div_(255.0)
+        if self.preprocessing is not None:
+            image = torch.as_tensor(self.preprocessing(image), dtype=torch.float32)
+        done = time.perf_counter()
+        return {"image": image, "index": index, "read_s": read - start, "preprocess_s": done - read}
+
+
+def _single_thread_worker(_: int) -> None:
+    """Keep each reader process on one thread so readers and the network do not oversubscribe the cores."""
+    torch.set_num_threads(1)
+
+
+@dataclass
+class SlidePrediction:
+    """Where the blended probability raster of one slide is and how it maps back to level 0."""
+
+    source: str
+    raster: Path
+    shape_hw: tuple[int, int]
+    level: int
+    downsample: float
+    level0_wh: tuple[int, int]
+    level0_mpp: float | None
+    tissue: TissueMask | None
+    n_tiles: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class WholeSlideInferer:
+    """Sliding-window inference over the tissue of one slide, streamed to a raw uint8 probability raster.
+
+    Args:
+        tile_size: window side in pixels at the inferred level.
+        overlap: pixels shared by neighbouring windows; overlapping predictions are blended with ``blend_mode``.
+        level: pyramid level to infer at (exclusive with ``mpp``).
+        mpp: microns per pixel to infer at; the nearest level within ``mpp_tolerance`` is used.
+        batch_size: tiles per network call.
+        num_workers: DataLoader worker processes that read ahead of the network (0 reads in the main process).
+        amp: mixed precision (float16 autocast) when the device is a GPU; ignored on a CPU.
+        min_tissue: the smallest tissue fraction of a tile that is run; the rest of the slide stays 0.
+        channel: the network output channel to keep (the fused map is the last, -1).
+        blend_mode: ``"gaussian"`` or ``"constant"`` (MONAI importance-map modes).
+        tissue_kwargs: arguments of ``custom.data.tissue.detect_tissue`` (e.g. ``threshold``, ``mpp``).
+        mpp_override: level-0 microns per pixel for slides without (or with wrong) metadata.
+        mpp_tolerance: accepted relative difference when selecting a level by ``mpp``.
+        progress: show a tqdm bar per slide (tiles/s and ETA).
+    """
+
+    def __init__(
+        self,
+        tile_size: int = 256,
+        overlap: int = 32,
+        level: int | None = None,
+        mpp: float | None = None,
+        batch_size: int = 8,
+        num_workers: int = 1,
+        amp: bool = True,
+        min_tissue: float = 0.01,
+        channel: int = -1,
+        blend_mode: str = "gaussian",
+        tissue_kwargs: dict | None = None,
+        mpp_override: float | None = None,
+        mpp_tolerance: float = 0.1,
+        progress: bool = True,
+    ) -> None:
+        if level is None and mpp is None:
+            level = 0
+        self.tile_size, self.overlap, self.level, self.mpp = tile_size, overlap, level, mpp
+        self.batch_size, self.num_workers, self.amp = batch_size, num_workers, amp
+        self.min_tissue, self.channel, self.progress = min_tissue, channel, progress
+        self.tissue_kwargs = dict(tissue_kwargs or {})
+        self.mpp_override, self.mpp_tolerance = mpp_override, mpp_tolerance
+        self.weights = importance_map(tile_size, blend_mode)
+
+    def select_level(self, slide: Slide) -> int:
+        """The level this inferer reads ``slide`` at."""
+        return select_level(slide, self.level, self.mpp, self.mpp_tolerance, self.mpp_override)
+
+    def tile_grid(self, slide: Slide, tissue: TissueMask | None, level: int) -> TileGrid:
+        """Tissue tiles at ``level``; a level smaller than one window becomes one white-padded window."""
+        level_w, level_h = slide.level_dimensions[level]
+        if min(level_w, level_h) >= self.tile_size:
+            return make_tile_grid(slide, tissue, level, self.tile_size, self.overlap, self.min_tissue)
+        ds = float(slide.level_downsamples[level])
+        side = self.tile_size * ds
+        fraction = np.ones(1) if tissue is None else tissue.box_fractions(np.zeros(1), np.zeros(1), side, side)
+        keep = fraction >= self.min_tissue
+        zeros = np.zeros(int(keep.sum()), np.int64)
+        return TileGrid(zeros, zeros.copy(), level, self.tile_size, self.overlap, fraction[keep], slide.path, ds)
+
+    def __call__(
+        self,
+        slide: Slide,
+        network: torch.nn.Module,
+        raster_path: str | os.PathLike,
+        preprocessing: Callable | None = None,
+        detect: bool = True,
+    ) -> SlidePrediction:
+        """Infer one slide into ``raster_path``; ``detect=False`` runs every window (plain images, no glass)."""
+        start = time.perf_counter()
+        timings = dict.fromkeys(STAGES, 0.0)
+        level = self.select_level(slide)
+        tissue = detect_tissue(slide, mpp_override=self.mpp_override, **self.tissue_kwargs) if detect else None
+        timings["tissue"] = time.perf_counter() - start
+        grid = self.tile_grid(slide, tissue, level)
+        shape_hw = tuple(reversed(slide.level_dimensions[level]))
+        merger = StripMerger(raster_path, shape_hw, self.weights)
+        try:
+            self._run_tiles(TileDataset(slide, grid, preprocessing), network, merger, timings)
+        finally:
+            merger.close()
+        timings["wall"] = time.perf_counter() - start
+        mpp = self.mpp_override or (slide.mpp[0] if slide.mpp else None)
+        return SlidePrediction(
+            slide.path,
+            Path(raster_path), shape_hw, level, grid.downsample, tuple(slide.level_dimensions[0]), mpp, tissue,
+            len(grid), timings,
+        )
+
+    def _loader(self, tiles: TileDataset, device: torch.device) -> DataLoader:
+        """Batches read ahead by worker processes (pinned for a GPU so the copy overlaps the network)."""
+        workers = self.num_workers if len(tiles) > self.batch_size else 0
+        return DataLoader(
+            tiles,
+            batch_size=self.batch_size,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_single_thread_worker if workers else None,
+            prefetch_factor=4 if workers else None,
+        )
+
+    def _run_tiles(self, tiles: TileDataset, network: torch.nn.Module, merger: StripMerger, timings: dict) -> None:
+        """Run the network on every tile batch and blend the chosen output channel into ``merger``."""
+        device = next(network.parameters()).device
+        autocast = torch.autocast(device.type, dtype=torch.float16, enabled=self.amp and device.type == "cuda")
+        ds, grid = tiles.grid.downsample, tiles.grid
+        bar = tqdm(total=len(tiles), desc=Path(grid.slide).name, unit="tile", disable=not self.progress, leave=False)
+        batches = iter(self._loader(tiles, device))
+        network.eval()
+        with torch.inference_mode(), bar:
+            while True:
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                began = time.perf_counter()
+                timings["wait"] += began - waited
+                if batch is None:
+                    break
+                timings["read"] += float(batch["read_s"].sum())
+                timings["preprocess"] += float(batch["preprocess_s"].sum())
+                with autocast:
+                    output = network(batch["image"].to(device, non_blocking=True))[:, self.channel]
+                probabilities = output.float().cpu().numpy()
+                ran = time.perf_counter()
+                timings["model"] += ran - began
+                for index, probability in zip(batch["index"].tolist(), probabilities):
+                    merger.add(round(grid.y[index] / ds), round(grid.x[index] / ds), probability)
+                timings["stitch"] += time.perf_counter() - ran
+                bar.update(len(probabilities))

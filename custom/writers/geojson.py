@@ -1,0 +1,46 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Writer of QuPath-compatible GeoJSON: a FeatureCollection of classified annotation polygons.
+
+QuPath (File > Import objects) reads ``properties.objectType`` ("annotation" or "detection") and
+``properties.classification`` (``{"name", "color"}``). Coordinates are level-0 pixels in ``(x, y)`` order;
+holes are the polygons' interior rings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from shapely.geometry import Polygon, mapping
+
+__all__ = ["qupath_features", "write_qupath_geojson"]
+
+
+def qupath_features(
+    polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0), **properties: object
+) -> dict:
+    """A FeatureCollection with one annotation per polygon, classified as ``name``; extra properties are copied."""
+    features = [
+        {
+            "type": "Feature",
+            "geometry": mapping(polygon),
+            "properties": {
+                "objectType": "annotation",
+                "classification": {"name": name, "color": list(color)},
+                **properties,
+            },
+        }
+        for polygon in polygons
+    ]
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_qupath_geojson(
+    path: str | os.PathLike, polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0)
+) -> Path:
+    """Write ``polygons`` (level-0 ``(x, y)``) as a QuPath GeoJSON FeatureCollection; none gives an empty one."""
+    path = Path(path)
+    path.write_text(json.dumps(qupath_features(polygons, name, color)))
+    return path
