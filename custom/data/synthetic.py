@@ -146,7 +146,7 @@ class _Blob:
         return np.clip((self.radius_at(np.arctan2(dy, dx)) - np.hypot(dx, dy)) / 2 + 0.5, 0, 1)
 
     def inside(self, x: np.ndarray, y: np.ndarray, margin: float = 0.0) -> np.ndarray:
-        """Signed distance-like margin test: True where (x, y) is at least ``margin`` pixels inside."""
+        """True where level-0 (x, y) lies at least ``margin`` pixels (measured radially) inside the boundary."""
         dx, dy = x - self.cx, y - self.cy
         return np.hypot(dx, dy) + margin < self.radius_at(np.arctan2(dy, dx))
 
@@ -163,7 +163,7 @@ def _random_blob(rng: np.random.Generator, cx: float, cy: float, radius: float, 
     return _Blob(cx, cy, radius, tuple(amps.tolist()), tuple(rng.uniform(0, 2 * np.pi, 4).tolist()))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds arrays: compare layouts by identity
 class SlideLayout:
     """Everything that defines one square slide: size, tissue blobs, tumour polygons and its hash seed."""
 
@@ -242,9 +242,9 @@ def make_layout(seed: int, index: int, size: int, positive: bool) -> SlideLayout
     return SlideLayout(size, slide_seed, tissue, _tumour_polygons(rng, layout, int(rng.integers(1, 4))))
 
 
-def tissue_fraction(layout: SlideLayout, step: int = 16) -> float:
-    """Fraction of the slide covered by tissue, estimated on a grid every ``step`` pixels."""
-    centres = np.arange(step // 2, layout.size, step, dtype=float)
+def tissue_fraction(layout: SlideLayout, samples: int = 256) -> float:
+    """Fraction of the slide covered by tissue, estimated on a samples x samples grid (fixed cost at any size)."""
+    centres = (np.arange(samples) + 0.5) * layout.size / samples
     return float(layout.in_tissue(centres[None, :], centres[:, None]).mean())
 
 
