@@ -1,0 +1,188 @@
+"""What a finished training leaves for its user: the final model, test metrics against the MIL teacher and the
+baselines, training curves and overlays (``metrics.json``, ``training_curves.png``, ``overlays.png``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines import SupervisedEvaluator
+from monai.handlers import MetricLogger, from_engine
+
+from custom.engines.batch import PrepareImageMask
+from custom.handlers.role_swap import RoleSwapHandler
+from custom.metrics import METRIC_KEYS, MILSegmentationHandler, evaluate_baselines
+from custom.writers.figures import plot_curves, plot_overlays
+
+__all__ = ["evaluate_network", "select_final_model", "curves_from_loggers", "finish_training", "format_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_network(
+    network: torch.nn.Module,
+    data_loader: Any,
+    device: str | torch.device,
+    amp: bool = False,
+    smooth_sigma: float | None = 3.0,
+    threshold: float = 0.5,
+) -> dict[str, float | int]:
+    """The ``eval_metrics.json`` fields of one network on a loader of image + mask batches, via a MONAI evaluator."""
+    evaluator = SupervisedEvaluator(
+        device=device,
+        val_data_loader=data_loader,
+        network=network,
+        prepare_batch=PrepareImageMask(),
+        key_val_metric={
+            "f1": MILSegmentationHandler(
+                key="f1", prefix="eval_", smooth_sigma=smooth_sigma, threshold=threshold,
+                output_transform=from_engine(["pred", "label"]),
+            )
+        },
+        amp=amp,
+    )
+    evaluator.run()
+    return {key: _plain(evaluator.state.metrics[f"eval_{key}"]) for key in METRIC_KEYS}
+
+
+def dataset_baselines(dataset: Sequence[Mapping], **kwargs: Any) -> dict[str, dict[str, float | int]]:
+    """The oracle-label and all-background floors on the same images, through the same metric code."""
+    masks = [np.asarray(item["mask"])[0] for item in dataset]
+    labels = [int(item["label"]) for item in dataset]
+    return {name: {k: _plain(v) for k, v in scores.items()} for name, scores in evaluate_baselines(masks, labels, **kwargs).items()}
+
+
+def select_final_model(teacher: torch.nn.Module, role_swap: RoleSwapHandler) -> tuple[dict[str, torch.Tensor], str, float | None]:
+    """The weights to ship: the best validated student when it beats the current teacher, else the teacher."""
+    best, best_score = role_swap.best_student_state, role_swap.best_student_score
+    if best is not None and (role_swap.teacher_score is None or best_score > role_swap.teacher_score):
+        return copy.deepcopy(best), "best student", best_score
+    return copy.deepcopy(teacher.state_dict()), "teacher", role_swap.teacher_score
+
+
+def curves_from_loggers(loggers: Mapping[str, tuple[MetricLogger, int]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per-epoch training loss and validation scores of each stage; a stage's epochs continue the previous ones."""
+    loss: dict[str, list[tuple[float, float]]] = {}
+    scores: dict[str, list[tuple[float, float]]] = {}
+    offset = 0.0
+    for stage, (metric_logger, epoch_length) in loggers.items():
+        per_epoch: dict[int, list[float]] = {}
+        for iteration, value in metric_logger.loss:
+            per_epoch.setdefault(math.ceil(iteration / epoch_length), []).append(float(value))
+        loss[stage] = [(offset + e, float(np.mean(v))) for e, v in sorted(per_epoch.items())]
+        for name, points in metric_logger.metrics.items():
+            scores[f"{stage} {name}"] = [(offset + it / epoch_length, float(v)) for it, v in points]
+        offset += max(per_epoch, default=0)
+    return {"training loss (epoch mean)": loss, "validation": scores}
+
+
+def format_table(results: Mapping[str, Mapping[str, float | int]], keys: Sequence[str] = METRIC_KEYS) -> str:
+    """A plain-text table, one row per model or baseline, for the log and the terminal."""
+    header = f"{'':<28}" + "".join(f"{k:>11}" for k in keys)
+    rows = [header]
+    for name, metrics in results.items():
+        cells = "".join(f"{metrics[k]:>11.4f}" if isinstance(metrics[k], float) else f"{metrics[k]:>11}" for k in keys)
+        rows.append(f"{name:<28}{cells}")
+    return "\n".join(rows)
+
+
+def finish_training(
+    output_dir: str | Path,
+    ckpt_dir: str | Path,
+    stage1_teacher: torch.nn.Module,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    role_swap: RoleSwapHandler,
+    test_loader: Any,
+    test_display: Sequence[Mapping],
+    loggers: Mapping[str, tuple[MetricLogger, int]],
+    config: Mapping[str, Any],
+    device: str | torch.device,
+    amp: bool = False,
+    smooth_sigma: float | None = 3.0,
+    threshold: float = 0.5,
+    n_overlays: int = 6,
+) -> dict[str, Any]:
+    """Save ``model.pt`` (the final model), evaluate it and the stage-1 teacher on the test split once, and write
+    ``metrics.json``, ``training_curves.png`` and ``overlays.png`` into ``output_dir``; print the comparison.
+
+    ``test_display`` holds the test items without normalisation (image in [0, 1], mask, label, name), index-aligned
+    with ``test_loader.dataset``, for the pictures and the baselines.
+    """
+    output_dir, ckpt_dir = Path(output_dir), Path(ckpt_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weights, source, val_score = select_final_model(teacher, role_swap)
+    torch.save(weights, ckpt_dir / "model.pt")
+    student.load_state_dict(weights)
+    kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}
+    results = {
+        "teacher": evaluate_network(stage1_teacher, test_loader, device, amp, **kwargs),
+        "student": evaluate_network(student, test_loader, device, amp, **kwargs),
+    }
+    baselines = dataset_baselines(test_display, **kwargs)
+    report = {
+        **results,
+        "baselines": baselines,
+        "final_model": {"source": source, "val_f1": val_score, "path": str(ckpt_dir / "model.pt")},
+        "rounds": role_swap.rounds,
+        "config": dict(config),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain))
+    plot_curves(curves_from_loggers(loggers), output_dir / "training_curves.png", title="stage 1 (MIL teacher) then stage 2 (distillation)")
+    _overlays(stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays, threshold)
+    table = format_table(
+        {"MIL teacher (stage 1)": results["teacher"], f"distilled ({source})": results["student"],
+         **{f"baseline: {k}": v for k, v in baselines.items()}}
+    )
+    logger.info("test split results\n" + table)
+    print(f"\nTest split ({results['student']['n_pos']} positive, {results['student']['n_neg']} negative images):\n{table}")
+    print(f"Outputs in {output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, validation F1 {val_score})")
+    return report
+
+
+def _overlays(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    dataset: Sequence[Mapping],
+    display: Sequence[Mapping],
+    path: Path,
+    device: str | torch.device,
+    n: int,
+    threshold: float,
+) -> None:
+    """Overlays of truth, stage-1 teacher and final model on the first positive and negative test images.
+
+    ``dataset`` gives the network inputs (preprocessed as in evaluation), ``display`` the same items in [0, 1].
+    """
+    positives = [i for i, item in enumerate(display) if int(item["label"]) == 1]
+    negatives = [i for i, item in enumerate(display) if int(item["label"]) == 0]
+    chosen = (positives[: n - n // 3] + negatives[: n // 3])[:n]
+    if not chosen:
+        return
+    images, truth, maps_t, maps_s, names = [], [], [], [], []
+    with torch.no_grad():
+        for i in chosen:
+            item = display[i]
+            image = torch.as_tensor(dataset[i]["image"]).unsqueeze(0).to(device)
+            maps_t.append(teacher.eval()(image)[0, -1].float().cpu().numpy())
+            maps_s.append(student.eval()(image)[0, -1].float().cpu().numpy())
+            images.append((np.asarray(item["image"]).transpose(1, 2, 0) * 255).round().astype(np.uint8))
+            truth.append(np.asarray(item["mask"])[0])
+            names.append(str(item["name"]))
+    plot_overlays(images, {"truth": truth, "MIL teacher": maps_t, "distilled": maps_s}, path, names, threshold)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly numbers (tensors and numpy scalars to Python floats / ints, NaN kept as NaN)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    return value
