@@ -21,7 +21,15 @@ from custom.handlers.role_swap import RoleSwapHandler
 from custom.metrics import METRIC_KEYS, MILSegmentationHandler, evaluate_baselines
 from custom.writers.figures import plot_curves, plot_overlays
 
-__all__ = ["evaluate_network", "select_final_model", "curves_from_loggers", "finish_training", "format_table"]
+__all__ = [
+    "evaluate_network",
+    "dataset_baselines",
+    "select_final_model",
+    "curves_from_loggers",
+    "finish_training",
+    "write_eval_metrics",
+    "format_table",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,22 @@ def evaluate_network(
     return {key: _plain(evaluator.state.metrics[f"eval_{key}"]) for key in METRIC_KEYS}
 
 
+def write_eval_metrics(
+    evaluator: SupervisedEvaluator, output_dir: str | Path, display: Sequence[Mapping], prefix: str = "test_", **kwargs: Any
+) -> dict[str, float | int]:
+    """After ``evaluator.run()``: ``eval_metrics.json`` (its fields) and ``eval_baselines.json`` (the floors on the
+    same images, from ``display``: items with mask and label) in ``output_dir``; print both as a table."""
+    metrics = {key: _plain(evaluator.state.metrics[prefix + key]) for key in METRIC_KEYS}
+    baselines = dataset_baselines(display, **kwargs)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2))
+    (output_dir / "eval_baselines.json").write_text(json.dumps(baselines, indent=2))
+    print(format_table({"model": metrics, **{f"baseline: {k}": v for k, v in baselines.items()}}))
+    print(f"Written: {output_dir / 'eval_metrics.json'}, {output_dir / 'eval_baselines.json'}")
+    return metrics
+
+
 def dataset_baselines(dataset: Sequence[Mapping], **kwargs: Any) -> dict[str, dict[str, float | int]]:
     """The oracle-label and all-background floors on the same images, through the same metric code."""
     masks = [np.asarray(item["mask"])[0] for item in dataset]
@@ -67,8 +91,10 @@ def select_final_model(teacher: torch.nn.Module, role_swap: RoleSwapHandler) -> 
     return copy.deepcopy(teacher.state_dict()), "teacher", role_swap.teacher_score
 
 
-def curves_from_loggers(loggers: Mapping[str, tuple[MetricLogger, int]]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """Per-epoch training loss and validation scores of each stage; a stage's epochs continue the previous ones."""
+def curves_from_loggers(
+    loggers: Mapping[str, tuple[MetricLogger, int]], metrics: Sequence[str] = ("val_f1", "val_f1_pos", "val_f1_neg")
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per-epoch training loss and validation ``metrics`` of each stage; a stage's epochs continue the previous ones."""
     loss: dict[str, list[tuple[float, float]]] = {}
     scores: dict[str, list[tuple[float, float]]] = {}
     offset = 0.0
@@ -77,10 +103,16 @@ def curves_from_loggers(loggers: Mapping[str, tuple[MetricLogger, int]]) -> dict
         for iteration, value in metric_logger.loss:
             per_epoch.setdefault(math.ceil(iteration / epoch_length), []).append(float(value))
         loss[stage] = [(offset + e, float(np.mean(v))) for e, v in sorted(per_epoch.items())]
-        for name, points in metric_logger.metrics.items():
+        for name in metrics:
+            points = metric_logger.metrics.get(name, [])
             scores[f"{stage} {name}"] = [(offset + it / epoch_length, float(v)) for it, v in points]
-        offset += max(per_epoch, default=0)
+        offset += _stage_epochs(metric_logger, epoch_length)
     return {"training loss (epoch mean)": loss, "validation": scores}
+
+
+def _stage_epochs(metric_logger: MetricLogger, epoch_length: int) -> int:
+    """Epochs a stage has logged (its loss is recorded per iteration)."""
+    return max((math.ceil(iteration / epoch_length) for iteration, _ in metric_logger.loss), default=0)
 
 
 def format_table(results: Mapping[str, Mapping[str, float | int]], keys: Sequence[str] = METRIC_KEYS) -> str:
@@ -135,7 +167,12 @@ def finish_training(
         "config": dict(config),
     }
     (output_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain))
-    plot_curves(curves_from_loggers(loggers), output_dir / "training_curves.png", title="stage 1 (MIL teacher) then stage 2 (distillation)")
+    stage1_epochs = _stage_epochs(*loggers["stage 1"]) if "stage 1" in loggers else 0
+    swaps = [stage1_epochs + r["epoch"] for r in role_swap.rounds if r["swapped"]]
+    plot_curves(
+        curves_from_loggers(loggers), output_dir / "training_curves.png", marks=swaps,
+        title="stage 1 (MIL teacher) then stage 2 (distillation); dashed lines: role swaps",
+    )
     _overlays(stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays, threshold)
     table = format_table(
         {"MIL teacher (stage 1)": results["teacher"], f"distilled ({source})": results["student"],

@@ -14,8 +14,10 @@ import numpy as np  # noqa: E402
 Series = Sequence[tuple[float, float]]  # (epoch or iteration, value)
 
 
-def plot_curves(panels: Mapping[str, Mapping[str, Series]], path: str | Path, title: str = "") -> Path:
-    """Draw one panel per quantity (e.g. loss, validation F1) so stage boundaries and swaps are visible."""
+def plot_curves(
+    panels: Mapping[str, Mapping[str, Series]], path: str | Path, title: str = "", marks: Sequence[float] = ()
+) -> Path:
+    """Draw one panel per quantity (e.g. loss, validation F1), with dashed vertical lines at ``marks`` (role swaps)."""
     panels = {name: series for name, series in panels.items() if any(len(s) for s in series.values())}
     if not panels:
         raise ValueError(f"nothing to plot for {path}: every series is empty")
@@ -25,6 +27,8 @@ def plot_curves(panels: Mapping[str, Mapping[str, Series]], path: str | Path, ti
             if len(points):
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="." if len(points) < 60 else None, label=label)
+        for x in marks:
+            ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
