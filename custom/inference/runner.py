@@ -43,9 +43,11 @@ def _item(path: Path) -> dict:
 
 
 def _listed(entry: str | os.PathLike | dict) -> dict:
-    """An item for one entry of a list given in the config: a path, or a datalist dict with a ``slide`` key."""
+    """An item for one list entry: a path, a datalist dict (``slide`` key) or an item made here (``path`` key)."""
     if isinstance(entry, dict):
-        return _item(Path(entry["slide"])) | ({"label": entry["label"]} if "label" in entry else {})
+        if "slide" not in entry and "path" not in entry:
+            raise ValueError(f"inference list entry {entry} has neither a 'slide' nor a 'path' key")
+        return _item(Path(entry.get("slide", entry.get("path")))) | {k: entry[k] for k in ("label",) if k in entry}
     return _item(Path(entry))
 
 
@@ -147,8 +149,8 @@ class SlideInferenceRunner:
         raster = folder / f".{item['name']}.prob.raw"
         try:
             if item["kind"] == "image":
-                prediction = self.inferer(PlainImage.read(item["path"]), self.network, raster, self.preprocessing,
-                                          detect=False)
+                image = PlainImage.read(item["path"])
+                prediction = self.inferer(image, self.network, raster, self.preprocessing, plain_image=True)
                 return write_image_outputs(prediction, self.output_dir, item["name"], self.threshold, self.top_k)
             with open_slide(item["path"], self.backends) as slide:
                 prediction = self.inferer(slide, self.network, raster, self.preprocessing)

@@ -149,13 +149,13 @@ class WholeSlideInferer:
         network: torch.nn.Module,
         raster_path: str | os.PathLike,
         preprocessing: Callable | None = None,
-        detect: bool = True,
+        plain_image: bool = False,
     ) -> SlidePrediction:
-        """Infer one slide into ``raster_path``; ``detect=False`` runs every window (plain images, no glass)."""
+        """Infer one slide into ``raster_path``; a ``plain_image`` is read at its only level, every window run."""
         start = time.perf_counter()
         timings = dict.fromkeys(STAGES, 0.0)
-        level = self.select_level(slide)
-        tissue = detect_tissue(slide, mpp_override=self.mpp_override, **self.tissue_kwargs) if detect else None
+        level = 0 if plain_image else self.select_level(slide)
+        tissue = None if plain_image else detect_tissue(slide, mpp_override=self.mpp_override, **self.tissue_kwargs)
         timings["tissue"] = time.perf_counter() - start
         grid = self.tile_grid(slide, tissue, level)
         shape_hw = tuple(reversed(slide.level_dimensions[level]))
