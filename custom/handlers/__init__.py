@@ -1,2 +1,3 @@
 from .pseudo_labels import LoadPseudoLabeld, PseudoLabelHandler
 from .role_swap import RoleSwapHandler
+from .epoch_seed import EpochSeedHandler

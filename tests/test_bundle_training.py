@@ -1,0 +1,157 @@
+"""The bundle's one-command training, evaluation and resume, run as a user runs them (``python -m monai.bundle``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from custom.data.synthetic import SyntheticSpec, generate_dataset
+from custom.metrics import METRIC_KEYS
+from custom.networks import DWSMIL
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "bundle" / "configs"
+# a CPU-tiny run: 64-px crops, 1/8-width network, 2 + 2 epochs, a role-swap decision at every stage-2 epoch
+TINY = {
+    "network_width": 0.125,
+    "image_size": 64,
+    "batch_size": 8,
+    "num_workers": 0,
+    "stage1_epochs": 2,
+    "stage2_epochs": 2,
+    "swap_warmup": 1,
+    "swap_interval": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Four 1024-px synthetic slides cut into 64-px crops (12 train and 16 test images)."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    generate_dataset(out, SyntheticSpec(n_slides=4, size=1024, patches_per_slide=8, patch_size=64, test_fraction=0.5))
+    return out
+
+
+def bundle_command(run_dir: Path, data: Path, configs=("train.json", "cpu.json"), run_id: str = "training", **overrides) -> list[str]:
+    """The README's training command with the tiny overrides and this run's folders."""
+    files = json.dumps([str(CONFIGS / c) for c in configs])
+    args = {**TINY, "dataset_dir": str(data), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "out"), **overrides}
+    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files]
+    for key, value in args.items():
+        command += [f"--{key}", value if isinstance(value, str) else repr(value)]
+    return command
+
+
+def run_bundle(run_dir: Path, data: Path, **kwargs) -> str:
+    """Run to completion; fail the test with the log's tail otherwise."""
+    result = subprocess.run(bundle_command(run_dir, data, **kwargs), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    return log
+
+
+def test_one_command_training_writes_every_output(tiny_data, tmp_path):
+    log = run_bundle(tmp_path, tiny_data)
+    out, models = tmp_path / "out", tmp_path / "models"
+    # the final model loads into the configured network and gives maps in [0, 1]
+    net = DWSMIL(width=TINY["network_width"])
+    net.load_state_dict(torch.load(models / "model.pt", map_location="cpu"))
+    with torch.no_grad():
+        maps = net.eval()(torch.rand(1, 3, 64, 64))
+    assert maps.shape == (1, 4, 64, 64) and 0.0 <= maps.min() and maps.max() <= 1.0
+    assert (models / "teacher_best.pt").is_file()
+    assert (models / "stage1_checkpoint_epoch=2.pt").is_file() and (models / "stage2_checkpoint_epoch=2.pt").is_file()
+    # metrics.json: test fields of the stage-1 teacher and the final model, the rounds, the config
+    report = json.loads((out / "metrics.json").read_text())
+    for model in ("teacher", "student"):
+        assert set(report[model]) == set(METRIC_KEYS)
+        assert report[model]["n_pos"] == 6 and report[model]["n_neg"] == 10
+        assert 0.0 <= report[model]["f1"] <= 1.0
+    assert [r["epoch"] for r in report["rounds"]] == [1, 2]
+    assert all(set(r) == {"epoch", "teacher_val_f1", "student_val_f1", "swapped"} for r in report["rounds"])
+    assert report["config"]["network_width"] == TINY["network_width"] and report["config"]["swap_policy"] == "if_better"
+    assert report["baselines"]["oracle_label"]["f1_neg"] == 1.0 and report["baselines"]["all_background"]["f1_pos"] == 0.0
+    # pseudo-labels: NIfTI and PNG per training image, listed in the manifest
+    pseudo = out / "pseudo_labels"
+    manifest = (pseudo / "manifest.csv").read_text().splitlines()
+    assert len(manifest) - 1 == len(list(pseudo.glob("*.nii.gz"))) == len(list(pseudo.glob("*.png"))) > 0
+    first = manifest[1].split(",")[0]
+    prob = nib.load(pseudo / f"{first}.nii.gz").get_fdata()
+    png = np.asarray(Image.open(pseudo / f"{first}.png"))
+    assert prob.shape == png.shape == (64, 64)
+    np.testing.assert_allclose(png, np.round(prob * 255), atol=1)
+    # pictures and TensorBoard logs
+    for picture in ("training_curves.png", "overlays.png"):
+        with Image.open(out / picture) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert "MIL teacher (stage 1)" in log and "baseline: oracle_label" in log
+
+
+def kill_when_written(command: list[str], checkpoint: Path) -> None:
+    """Start a training and SIGKILL it (with its workers) as soon as ``checkpoint`` has been written."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the saver finish the file it has just created
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert checkpoint.is_file(), f"the run never wrote {checkpoint.name}"
+
+
+def test_killed_stage1_resumes_to_the_same_weights(tiny_data, tmp_path):
+    """Stage 1 killed after epoch 1 and rerun ends with the weights of an uninterrupted run (same seed, same config)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_bundle(straight, tiny_data, stage2_epochs=0)
+    kill_when_written(bundle_command(resumed, tiny_data, stage2_epochs=0), resumed / "models" / "stage1_checkpoint_epoch=1.pt")
+    log = run_bundle(resumed, tiny_data, stage2_epochs=0)
+    assert "stage1: resumed from" in log and "at epoch 1 of 2" in log
+    a = torch.load(straight / "models" / "stage1_checkpoint_epoch=2.pt", weights_only=False)
+    b = torch.load(resumed / "models" / "stage1_checkpoint_epoch=2.pt", weights_only=False)
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] > 0
+    for key, value in a["teacher"].items():
+        torch.testing.assert_close(b["teacher"][key], value, msg=f"teacher weight {key} differs after resume")
+
+
+def test_killed_stage2_resumes_with_same_teacher_and_schedule(tiny_data, tmp_path):
+    """SIGKILL during stage 2; the rerun restores teacher, rounds and pseudo-label round, and finishes the schedule."""
+    ckpt = tmp_path / "models" / "stage2_checkpoint_epoch=2.pt"
+    kill_when_written(bundle_command(tmp_path, tiny_data, stage2_epochs=4, swap_policy="periodic"), ckpt)
+    saved = torch.load(ckpt, weights_only=False)
+    assert [r["epoch"] for r in saved["role_swap"]["rounds"]] == [1, 2]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+    log = run_bundle(tmp_path, tiny_data, stage2_epochs=4, swap_policy="periodic")
+    assert "stage1: already complete" in log and "stage2: resumed from" in log
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    rounds = report["rounds"]
+    assert [r["epoch"] for r in rounds] == [1, 2, 3, 4] and all(r["swapped"] for r in rounds)
+    assert rounds[:2] == saved["role_swap"]["rounds"]
+    assert saved["pseudo_labels"]["round"] == 2
+    final = torch.load(tmp_path / "models" / "stage2_checkpoint_epoch=4.pt", weights_only=False)
+    assert final["pseudo_labels"]["round"] == 4 and final["trainer"]["iteration"] == 4 * final["trainer"]["epoch_length"]
+
+
+def test_evaluate_config_writes_eval_metrics(tiny_data, tmp_path):
+    run_bundle(tmp_path, tiny_data, stage1_epochs=1, stage2_epochs=0)
+    log = run_bundle(
+        tmp_path, tiny_data, configs=("train.json", "cpu.json", "evaluate.json"), run_id="run",
+        ckpt_path=str(tmp_path / "models" / "teacher_best.pt"), output_dir=str(tmp_path / "eval"),
+    )
+    metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
+    assert set(metrics) == set(METRIC_KEYS) and metrics["n_pos"] == 6 and metrics["n_neg"] == 10
+    baselines = json.loads((tmp_path / "eval" / "eval_baselines.json").read_text())
+    assert baselines["all_background"]["f1"] == pytest.approx(10 / 16)  # F1 1 on the 10 negatives, 0 on 6 positives
+    assert "baseline: oracle_label" in log
