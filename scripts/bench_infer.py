@@ -1,0 +1,217 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Whole-slide inference throughput: this project's engine against MONAI's PatchInferer + WSISlidingWindowSplitter.
+
+All methods run the same randomly initialised DWS-MIL on the same device over the same tissue tiles (MONAI gets the
+project's tile grid through ``filter_fn``, as a careful user would) with uniform blending (MONAI's ``AvgMerger``),
+so they produce the same probability map; the max absolute difference over the tiles is printed. Each method runs
+in its own process so its peak resident memory is its own. The synthetic slide is generated once and cached; its
+level size is ``tile + k * (tile - overlap)`` so MONAI's zero padding and the project's white padding never differ.
+
+    python scripts/bench_infer.py                              # 20,736 px slide, inferred at level 2
+    python scripts/bench_infer.py --memory_check               # also the 4x larger slide (2x2 mosaic), ours only
+
+The last line is ``speedup_vs_monai=<ratio>`` against the faster MONAI variant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import fire
+import numpy as np
+import tifffile
+import torch
+
+from custom.data.grid import make_tile_grid
+from custom.data.slide import open_slide
+from custom.data.synthetic import make_layout, render_tile, tissue_fraction
+from custom.data.tissue import detect_tissue
+from custom.inference.outputs import write_slide_outputs
+from custom.inference.wsi import WholeSlideInferer
+from custom.networks import DWSMIL
+from custom.writers.pyramid_tiff import write_pyramid
+
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """The bundle's ImageNet normalisation of a [0, 1] image (works on (3, H, W) and (B, 3, H, W))."""
+    return (image - MEAN) / STD
+
+
+def _render(layout, tile: int, position: tuple[int, int]) -> np.ndarray:
+    """One level-0 tile of the synthetic slide (module level so worker processes can run it)."""
+    row, col = position
+    return render_tile(layout, row, col, min(tile, layout.size - row), min(tile, layout.size - col))
+
+
+def make_slide(path: Path, size: int, seed: int = 0, workers: int = 2, tile: int = 256) -> Path:
+    """A synthetic H&E slide rendered tile by tile in ``workers`` processes; reused when already cached."""
+    if path.is_file():
+        return path
+    layout = make_layout(seed, 1, size, positive=True)
+    positions = [(r, c) for r in range(0, size, tile) for c in range(0, size, tile)]
+    with ProcessPoolExecutor(workers) as pool:
+        tiles = pool.map(partial(_render, layout, tile), positions, chunksize=16)
+        write_pyramid(path, tiles, (size, size), 3, mpp=0.5, tile=tile)
+    print(f"generated {path} ({size} px, tissue {tissue_fraction(layout):.0%})", flush=True)
+    return path
+
+
+def make_mosaic(source: Path, path: Path, tile: int = 256) -> Path:
+    """A 2x2 mosaic of ``source`` (4x its pixels, same tissue fraction), copied tile by tile."""
+    if path.is_file():
+        return path
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages[0]
+        size = page.shape[0]
+        across = -(-size // page.tilewidth)
+        handle = tif.filehandle
+
+        def tile_at(row: int, col: int, height: int, width: int) -> np.ndarray:
+            index = ((row % size) // page.tilelength) * across + (col % size) // page.tilewidth
+            handle.seek(page.dataoffsets[index])
+            data = handle.read(page.databytecounts[index])
+            return page.decode(data, index, jpegtables=page.jpegtables)[0].reshape(tile, tile, 3)[:height, :width]
+
+        write_pyramid(path, tile_at, (2 * size, 2 * size), 3, mpp=0.5, tile=tile)
+    return path
+
+
+def _network(width: float, threads: int) -> torch.nn.Module:
+    """The benchmarked network: the same seed gives every method the same weights."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return DWSMIL(width=width).eval()
+
+
+def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: float):
+    """The tissue tile grid both methods run (``tissue`` seconds included)."""
+    slide = open_slide(slide_path)
+    return slide, make_tile_grid(slide, detect_tissue(slide), level, tile, overlap, min_tissue)
+
+
+def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, batch_size: int, num_workers: int,
+             width: float, threads: int, min_tissue: float) -> dict:
+    """This project's engine plus every output file; returns the stage timings."""
+    network = _network(width, threads)
+    inferer = WholeSlideInferer(tile, overlap, level=level, batch_size=batch_size, num_workers=num_workers,
+                                min_tissue=min_tissue, blend_mode="constant", progress=False)
+    slide = open_slide(slide_path)
+    out.mkdir(parents=True, exist_ok=True)
+    prediction = inferer(slide, network, out / "prob.raw", normalise)
+    summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0)
+    return {"timings": summary["timings_s"], "n_tiles": prediction.n_tiles, "prob_tif": str(out / "slide" /
+                                                                                          "slide_prob.tif")}
+
+
+class _Timed(torch.nn.Module):
+    """Wraps a network to add up the seconds its forward passes take."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network, self.seconds = network, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.network(x)[:, -1:]
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def run_monai(slide_path: Path, reader: str, level: int, tile: int, overlap: int, batch_size: int, width: float,
+              threads: int, min_tissue: float, ours_tif: str | None) -> dict:
+    """MONAI's PatchInferer + WSISlidingWindowSplitter over the same tissue tiles; compares with our map."""
+    from monai.inferers import AvgMerger, PatchInferer, WSISlidingWindowSplitter
+
+    start = time.perf_counter()
+    slide, grid = _grid(slide_path, level, tile, overlap, min_tissue)
+    tissue_s = time.perf_counter() - start
+    ds = grid.downsample
+    keep = {(round(y / ds), round(x / ds)) for x, y in zip(grid.x, grid.y)}  # (row, col) at the level, as MONAI's
+    splitter = WSISlidingWindowSplitter(tile, overlap, filter_fn=lambda patch, location: tuple(location) in keep,
+                                        reader=reader, level=level)
+    inferer = PatchInferer(splitter, AvgMerger, batch_size=batch_size,
+                           preprocessing=lambda x: normalise(x.float() / 255.0))
+    network = _Timed(_network(width, threads))
+    with torch.inference_mode():
+        merged = inferer(str(slide_path), network)[0, 0].numpy()
+    wall = time.perf_counter() - start
+    result = {"timings": {"tissue": tissue_s, "model": network.seconds, "wall": wall}, "n_tiles": len(grid)}
+    if ours_tif:
+        ours = tifffile.imread(ours_tif, level=0) / 255.0
+        covered = np.isfinite(merged)
+        result["max_abs_diff"] = float(np.abs(ours[covered] - merged[covered]).max())
+    return result
+
+
+def _child(method: str, **kwargs) -> dict:
+    """Run one method in a fresh process; returns its result and peak resident memory."""
+    command = [sys.executable, __file__, "--method", method, *[f"--{k}={v}" for k, v in kwargs.items()]]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32, batch_size: int = 8,
+          num_workers: int = 1, width: float = 0.25, threads: int = 2, min_tissue: float = 0.01,
+          cache_dir: str = os.path.join(tempfile.gettempdir(), "wsl_bench"), memory_check: bool = False,
+          method: str | None = None, slide: str | None = None, ours_tif: str | None = None) -> None:
+    """Print the comparison table; ``method`` (ours / openslide / cucim) runs a single method (internal use)."""
+    common = {"level": level, "tile": tile, "overlap": overlap, "batch_size": batch_size, "width": width,
+              "threads": threads, "min_tissue": min_tissue}
+    if method is not None:
+        path = Path(slide)
+        if method == "ours":
+            result = run_ours(path, Path(cache_dir) / f"out_{path.stem}", num_workers=num_workers, **common)
+        else:
+            result = run_monai(path, {"openslide": "OpenSlide", "cucim": "cuCIM"}[method], ours_tif=ours_tif,
+                               **common)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    slide_path = make_slide(cache / f"bench_{size}.tif", size)
+    with open_slide(slide_path) as s:
+        level_w, level_h = s.level_dimensions[level]
+    ours = _child("ours", slide=slide_path, cache_dir=cache, num_workers=num_workers, **common)
+    rows = {"ours": ours}
+    for reader in ("openslide", "cucim"):
+        rows[f"monai_{reader}"] = _child(reader, slide=slide_path, ours_tif=ours["prob_tif"], **common)
+    tissue_mp = ours["n_tiles"] * (tile - overlap) ** 2 / 1e6  # tissue area the tiles stand for, level pixels
+    print(f"slide {size} px, level {level} ({level_w}x{level_h}), {ours['n_tiles']} tissue tiles of {tile} "
+          f"(overlap {overlap}), DWS-MIL width {width}, batch {batch_size}, {threads} torch threads, "
+          f"{num_workers} reader worker(s); device cpu")
+    stages = ("tissue", "read", "preprocess", "wait", "model", "stitch", "write", "wall")
+    print(f"{'method':<16}" + "".join(f"{s:>11}" for s in stages) + f"{'MP/s':>8}{'net%':>7}{'RSS MB':>9}"
+          f"{'maxdiff':>9}")
+    for name, row in rows.items():
+        t = row["timings"]
+        cells = "".join(f"{t[s]:>11.2f}" if s in t else f"{'-':>11}" for s in stages)
+        diff = f"{row['max_abs_diff']:.4f}" if "max_abs_diff" in row else "-"
+        print(f"{name:<16}{cells}{tissue_mp / t['wall']:>8.2f}{100 * t['model'] / t['wall']:>6.0f}%"
+              f"{row['peak_rss_mb']:>9.0f}{diff:>9}")
+    if memory_check:
+        mosaic = make_mosaic(slide_path, cache / f"bench_{2 * size}_mosaic.tif")
+        big = _child("ours", slide=mosaic, cache_dir=cache, num_workers=num_workers, **common)
+        ratio = big["peak_rss_mb"] / ours["peak_rss_mb"]
+        print(f"peak RSS ours: {ours['peak_rss_mb']:.0f} MB on {size} px, {big['peak_rss_mb']:.0f} MB on the 4x "
+              f"slide ({2 * size} px, {big['n_tiles']} tiles, wall {big['timings']['wall']:.1f} s): x{ratio:.2f}")
+    fastest = min(rows[k]["timings"]["wall"] for k in ("monai_openslide", "monai_cucim"))
+    print(f"speedup_vs_monai={fastest / ours['timings']['wall']:.2f}")
+
+
+if __name__ == "__main__":
+    fire.Fire(bench)
