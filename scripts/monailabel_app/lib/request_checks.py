@@ -1,0 +1,104 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Checks of client requests before any pixel is read: which image, which region, how many tiles.
+
+MONAI Label itself reads any existing path a client names (``image`` or ``params.image``) and hands any region to
+the task. Here an image must be one the datastore lists (an image of the studies folder), and a region must be
+non-empty, start on the slide, and stay under a pixel and tile budget; anything else is an HTTP 4xx with a reason.
+
+Coordinates: ``location`` is LEVEL-0 ``(x, y)``; ``size`` and ``tile_size`` are ``(width, height)`` AT ``level``
+(what QuPath's extension and ``Slide.read_region`` use).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.datastore import Datastore
+
+__all__ = ["MAX_REGION_PIXELS", "MAX_TILES", "MIN_TILE", "Region", "studies_image", "check_region"]
+
+MAX_REGION_PIXELS = 4096 * 4096
+"""Largest region, in pixels at its level (a 2048 x 2048 region takes a few seconds on a 2-core CPU)."""
+MAX_TILES = 64
+"""Most tiles one region may be split into (``tile_size`` far below ``size`` would queue thousands)."""
+MIN_TILE = 64
+"""Smallest accepted ``tile_size`` side."""
+
+
+def studies_image(datastore: Datastore, image: Any) -> str:
+    """The file of ``image``, a datastore image id or the path of a listed image; anything else is a 404."""
+    if not isinstance(image, str) or not image:
+        raise HTTPException(400, f"'image' must be an image id of the studies folder, got {image!r}")
+    listed = {datastore.get_image_uri(i): i for i in datastore.list_images()}
+    uri = datastore.get_image_uri(image) if image in listed.values() else os.path.realpath(image)
+    if uri not in listed:
+        raise HTTPException(404, f"image {image!r} is not an image of the studies folder")
+    return uri
+
+
+def _pair(request: dict, key: str) -> tuple[int, int]:
+    """Two integers from ``request[key]``, or a 400 naming the key."""
+    value = request.get(key)
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise HTTPException(400, f"'{key}' must be two integers, got {value!r}")
+    try:
+        pair = int(value[0]), int(value[1])
+    except (TypeError, ValueError):
+        raise HTTPException(400, f"'{key}' must be two integers, got {value!r}") from None
+    if pair != (value[0], value[1]):
+        raise HTTPException(400, f"'{key}' must be two integers, got {value!r}")
+    return pair
+
+
+@dataclass(frozen=True)
+class Region:
+    """A checked region, clipped to the slide, and the tiles it is inferred in (``wsi_tiles`` of MONAI Label)."""
+
+    level: int
+    location_xy: tuple[int, int]
+    size_wh: tuple[int, int]
+    tiles: list[dict]
+
+
+def check_region(
+    request: dict,
+    level_dimensions: Sequence[tuple[int, int]],
+    level_downsamples: Sequence[float],
+    max_pixels: int = MAX_REGION_PIXELS,
+    max_tiles: int = MAX_TILES,
+) -> Region:
+    """Validate ``level``, ``location``, ``size`` and ``tile_size`` against the slide; clip the region to it."""
+    level = request.get("level", 0)
+    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < len(level_dimensions):
+        raise HTTPException(400, f"'level' must be an integer in [0, {len(level_dimensions) - 1}], got {level!r}")
+    (x, y), (width, height) = _pair(request, "location"), _pair(request, "size")
+    tile_w, tile_h = _pair(request, "tile_size") if "tile_size" in request else (width, height)
+    level0_w, level0_h = level_dimensions[0]
+    if not (0 <= x < level0_w and 0 <= y < level0_h):
+        raise HTTPException(400, f"'location' {(x, y)} must lie on the slide, level 0 is {level0_w} x {level0_h}")
+    if width <= 0 or height <= 0:
+        raise HTTPException(400, f"'size' must be positive, got {(width, height)}")
+    if width * height > max_pixels:
+        raise HTTPException(400, f"region {width} x {height} is larger than the limit of {max_pixels} pixels")
+    if min(tile_w, tile_h) < MIN_TILE:
+        raise HTTPException(400, f"'tile_size' must be at least {MIN_TILE}, got {(tile_w, tile_h)}")
+    ds = float(level_downsamples[level])
+    level_w, level_h = level_dimensions[level]
+    width, height = min(width, level_w - math.floor(x / ds)), min(height, level_h - math.floor(y / ds))
+    if width <= 0 or height <= 0:
+        raise HTTPException(400, f"region at {(x, y)} lies past the edge of level {level} ({level_w} x {level_h})")
+    cols, rows = math.ceil(width / tile_w), math.ceil(height / tile_h)
+    if cols * rows > max_tiles:
+        raise HTTPException(400, f"'tile_size' {(tile_w, tile_h)} splits the region into {cols * rows} tiles, "
+                                 f"more than {max_tiles}")
+    tiles = [
+        {"location": [x + round(c * tile_w * ds), y + round(r * tile_h * ds)],
+         "size": [min(tile_w, width - c * tile_w), min(tile_h, height - r * tile_h)]}
+        for r in range(rows) for c in range(cols)
+    ]
+    return Region(level, (x, y), (width, height), tiles)

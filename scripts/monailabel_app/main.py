@@ -1,0 +1,92 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""MONAI Label app serving the bundle's tumour segmentation to QuPath and Digital Slide Archive.
+
+Start it (see ``bundle/docs/monailabel.md``)::
+
+    monailabel start_server --app scripts/monailabel_app --studies SLIDES_DIR --conf models tumour
+
+``--conf`` keys (all optional but ``models``):
+
+* ``models``: the name clients see (one model: this bundle's network).
+* ``bundle``: the bundle folder; default ``bundle/`` of the checkout that ``custom`` is installed from.
+* ``configs``: comma-separated config files of ``bundle/configs`` merged in order; default ``inference.json``
+  (``inference.json,cpu.json`` serves the quarter-width network the CPU training makes).
+* ``ckpt_path``: the weights; default the config's ``ckpt_path`` (``bundle/models/model.pt``).
+* ``max_region_px``: the largest region a request may ask for, in pixels at its level.
+
+Every request is checked first (``lib.request_checks``): only images the datastore lists are read, and a region must
+lie on the slide and stay within the pixel and tile budget; otherwise the client gets a 4xx with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import custom
+from fastapi import HTTPException
+from lib import MAX_REGION_PIXELS, Region, TumourSegmentation, check_region, studies_image
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+
+from custom.data.slide import SlideReadError, open_slide
+from custom.inference import PlainImage
+from custom.inference.runner import PLAIN_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUNDLE = Path(custom.__file__).resolve().parents[1] / "bundle"
+
+
+class TumourSegmentationApp(MONAILabelApp):
+    """One bundle model, served for whole-slide regions (``/infer/wsi_v2``) and plain images (``/infer``)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
+        self.model_name = conf.get("models", "tumour")
+        self.max_region_px = int(conf.get("max_region_px", MAX_REGION_PIXELS))
+        super().__init__(app_dir, studies, conf, name="wsl-histo-seg",
+                         description="Weakly supervised tumour segmentation of H&E slides (MONAI bundle)")
+
+    def init_infers(self) -> dict[str, InferTask]:
+        """The bundle's model under the configured name."""
+        bundle = Path(self.conf.get("bundle", DEFAULT_BUNDLE))
+        configs = [name.strip() for name in self.conf.get("configs", "inference.json").split(",")]
+        task = TumourSegmentation(bundle, configs, self.conf.get("ckpt_path"))
+        logger.info("serving %s from %s (%s) on %s", self.model_name, bundle, ", ".join(configs), task.device)
+        return {self.model_name: task}
+
+    def info(self) -> dict:
+        """MONAI Label's app info, marked as a pathology app for QuPath's extension."""
+        return super().info() | {"pathology": True}
+
+    def infer(self, request: dict, datastore=None) -> dict:
+        """2D inference of a studies image; a region request is checked the way ``infer_wsi`` checks it."""
+        request = dict(request, image=studies_image(datastore or self.datastore(), request.get("image")))
+        if "location" in request or "size" in request:
+            self._check_region(request)
+        elif Path(request["image"]).suffix.lower() not in PLAIN_SUFFIXES:
+            raise HTTPException(400, f"{Path(request['image']).name} is a slide: ask /infer/wsi_v2 for a region")
+        return super().infer(request, datastore)
+
+    def infer_wsi(self, request: dict, datastore=None) -> dict:
+        """Region inference of a studies slide, split into the checked tiles (MONAI Label runs one task per tile)."""
+        request = dict(request, image=studies_image(datastore or self.datastore(), request.get("image")))
+        region = self._check_region(request)
+        # One network on one device (the bundle's): MONAI Label's default of spreading tiles over every GPU would
+        # divide by zero on a CPU host.
+        device = str(self._infers[self.model_name].device)
+        request.update(level=region.level, location=list(region.location_xy), size=list(region.size_wh),
+                       wsi_tiles=region.tiles, multi_gpu=False, device=device)
+        return super().infer_wsi(request, datastore)
+
+    def _check_region(self, request: dict) -> Region:
+        """The checked region of ``request`` on its image (a 400 if the file cannot be read as a slide)."""
+        path = request["image"]
+        try:
+            if Path(path).suffix.lower() in PLAIN_SUFFIXES:
+                image = PlainImage.read(path)
+                return check_region(request, image.level_dimensions, image.level_downsamples, self.max_region_px)
+            with open_slide(path) as slide:
+                return check_region(request, slide.level_dimensions, slide.level_downsamples, self.max_region_px)
+        except (SlideReadError, ValueError, OSError) as err:
+            raise HTTPException(400, f"{Path(path).name} cannot be read: {err}") from err
