@@ -155,3 +155,22 @@ def test_evaluate_config_writes_eval_metrics(tiny_data, tmp_path):
     baselines = json.loads((tmp_path / "eval" / "eval_baselines.json").read_text())
     assert baselines["all_background"]["f1"] == pytest.approx(10 / 16)  # F1 1 on the 10 negatives, 0 on 6 positives
     assert "baseline: oracle_label" in log
+
+
+def test_training_on_tiles_of_a_slide_datalist(tmp_path):
+    """slides.json: stage 1 and 2 on tiles of slides.csv (split column), scored against the mask TIFFs."""
+    data = tmp_path / "slides"
+    generate_dataset(data, SyntheticSpec(n_slides=6, size=1024, patches_per_slide=1, patch_size=64, test_fraction=0.34))
+    run_bundle(
+        tmp_path / "run", data, configs=("train.json", "cpu.json", "slides.json"),
+        stage1_epochs=1, stage2_epochs=1, mpp=1.0, val_fraction=0.3,
+    )
+    report = json.loads((tmp_path / "run" / "out" / "metrics.json").read_text())
+    grids = sorted(p.name for p in (tmp_path / "run" / "out" / "tile_grids").glob("*.csv"))
+    assert grids == [f"slide_00{i}_level1_tile64_overlap0.csv" for i in range(6)]  # 1.0 um/px = level 1
+    n_test = report["student"]["n_pos"] + report["student"]["n_neg"]
+    csv_rows = sum(
+        len((tmp_path / "run" / "out" / "tile_grids" / f"slide_00{i}_level1_tile64_overlap0.csv").read_text().splitlines()) - 2
+        for i in (4, 5)
+    )
+    assert n_test == csv_rows > 0 and report["student"]["n_pos"] > 0  # every tissue tile of the two test slides

@@ -61,8 +61,12 @@ def _best_threshold_accuracy(values: np.ndarray, is_tumour: np.ndarray) -> float
 
 def test_slides_csv_and_files(dataset):
     rows = _rows(dataset)
-    assert list(rows[0]) == ["slide", "label", "mask", "annotation"]
+    assert list(rows[0]) == ["slide", "label", "mask", "annotation", "split"]
     assert [r["label"] for r in rows] == ["1", "0", "1", "0"]
+    for split in ("train", "test"):  # the split column names the slides whose crops are in that patch split
+        slides = {Path(r["slide"]).stem for r in rows if r["split"] == split}
+        crops = {p.name.split("_x")[0] for p in (dataset / "patches" / split).glob("*/*.png")}
+        assert crops and crops <= slides
     for row in rows:
         slide = openslide.OpenSlide(dataset / row["slide"])
         assert slide.level_count >= 3 and slide.dimensions == (SPEC.size, SPEC.size)

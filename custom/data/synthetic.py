@@ -487,7 +487,8 @@ def _readme(spec: SyntheticSpec, rows: list[dict]) -> str:
         f"{spec.mpp} um/px at level 0.",
         "masks/*.tif        tumour ground truth, uint8 0 (background) / 255 (tumour), LZW, same geometry as the slide.",
         "annotations/*.xml  the same tumour polygons as ASAP XML (group _0), level-0 (x, y); negative slides: none.",
-        "slides.csv         slide,label,mask,annotation (paths relative to this folder; label 1 = contains tumour).",
+        "slides.csv         slide,label,mask,annotation,split (paths relative to this folder; label 1 = contains tumour;",
+        "                   split = train / test, the same split as the patches).",
         f"patches/{{train,test}}/{{pos,neg,gt}}/*.png  {n}x{n} crops named <slide>_x<X>_y<Y> (level-0 top-left);",
         "                   pos = tumour covers 5-95% of the crop, gt/<same name>.png its 0/255 mask; neg = no tumour.",
         "                   Every crop is at least 80% tissue. Train/test are split by slide:",
@@ -508,10 +509,10 @@ def _write_slides_csv(path: Path, rows: list[dict]) -> None:
     """slides.csv with paths relative to its own folder."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["slide", "label", "mask", "annotation"])
+        writer.writerow(["slide", "label", "mask", "annotation", "split"])
         for r in rows:
             name = r["slide"]
-            writer.writerow([f"slides/{name}.tif", r["label"], f"masks/{name}.tif", f"annotations/{name}.xml"])
+            writer.writerow([f"slides/{name}.tif", r["label"], f"masks/{name}.tif", f"annotations/{name}.xml", r["split"]])
 
 
 def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, workers: int = 1) -> dict:
