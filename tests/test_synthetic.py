@@ -15,6 +15,7 @@ from PIL import Image
 from scipy.ndimage import uniform_filter
 from skimage.color import rgb2hsv
 
+from custom.data.annotations import rasterize_annotations, read_asap_xml
 from custom.data.synthetic import (
     COMPLETE_MARKER,
     SyntheticSpec,
@@ -89,10 +90,13 @@ def test_xml_polygons_match_mask(dataset):
             continue
         assert polygons
         cols, rows = np.meshgrid(np.arange(SPEC.size), np.arange(SPEC.size))
-        points = np.stack([cols.ravel(), rows.ravel()], axis=1)  # (x, y) = (col, row)
+        points = np.stack([cols.ravel(), rows.ravel()], axis=1) + 0.5  # pixel centres, (x, y) = (col, row) + 0.5
         raster = np.logical_or.reduce([MplPath(p).contains_points(points) for p in polygons]).reshape(mask.shape)
         dice = 2 * (raster & mask).sum() / (raster.sum() + mask.sum())
         assert dice > 0.99
+        # the project's own XML reader and rasteriser give the mask TIFF's pixels (same pixel-centre convention)
+        ours = rasterize_annotations(read_asap_xml(dataset / row["annotation"]), (0, 0), (SPEC.size, SPEC.size)) > 0
+        assert (ours != mask).sum() <= 0.001 * mask.sum()
 
 
 def test_patches_layout_split_and_content(dataset):

@@ -249,10 +249,14 @@ def tissue_fraction(layout: SlideLayout, samples: int = 256) -> float:
 
 
 def render_mask(layout: SlideLayout, row: int, col: int, height: int, width: int) -> np.ndarray:
-    """(height, width) uint8 tumour mask (0 or 255) of the level-0 region at (row, col): the polygons rasterised."""
+    """(height, width) uint8 tumour mask (0 or 255) of the level-0 region at (row, col): the polygons rasterised.
+
+    A pixel is tumour when its centre, level-0 (col + 0.5, row + 0.5), lies inside a polygon: the convention of
+    ``custom.data.annotations.rasterize_annotations``, so the mask TIFF and the XML give the same pixels.
+    """
     mask = np.zeros((height, width), np.uint8)
     for polygon_xy in layout.tumours_xy:
-        x, y = polygon_xy[:, 0] - col, polygon_xy[:, 1] - row
+        x, y = polygon_xy[:, 0] - col - 0.5, polygon_xy[:, 1] - row - 0.5
         if x.max() < 0 or y.max() < 0 or x.min() >= width or y.min() >= height:
             continue
         rr, cc = draw_polygon(y, x, shape=(height, width))
