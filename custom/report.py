@@ -178,7 +178,7 @@ def finish_training(
     )
     _overlays(stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays, threshold)
     table = format_table(
-        {"MIL teacher (stage 1)": results["teacher"], f"distilled ({source})": results["student"],
+        {"MIL teacher (stage 1)": results["teacher"], "distilled (final model)": results["student"],
          **{f"baseline: {k}": v for k, v in baselines.items()}}
     )
     logger.info("test split results\n" + table)
