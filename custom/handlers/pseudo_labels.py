@@ -104,6 +104,13 @@ class PseudoLabelHandler:
 
     def write(self, teacher: torch.nn.Module, device: torch.device | str, epoch: int = 0) -> list[dict[str, Any]]:
         """Run ``teacher`` (eval, no grad) over the data, write the maps and the manifest; return its rows."""
+        rows = self.write_maps(teacher, device, epoch)
+        self.write_manifest(rows)
+        return rows
+
+    def write_maps(self, teacher: torch.nn.Module, device: torch.device | str, epoch: int = 0) -> list[dict[str, Any]]:
+        """Write the teacher's map of every image of ``data_loader``; return their manifest rows (a sharded loader
+        gives a shard, whose rows :meth:`write_manifest` can list once gathered)."""
         os.makedirs(self.output_dir, exist_ok=True)
         teacher.eval()
         rows = []
@@ -113,11 +120,14 @@ class PseudoLabelHandler:
                 names, paths, labels = self._describe(batch)
                 for prob, name, path, label in zip(fused, names, paths, labels):
                     rows.append(self._write_one(prob, name, path, label, epoch))
+        return rows
+
+    def write_manifest(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """``manifest.csv``: one row per map, columns ``MANIFEST_FIELDS``."""
         with open(os.path.join(self.output_dir, MANIFEST_NAME), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        return rows
 
     def _describe(self, batch: Mapping) -> tuple[list[str], list[str], list[int]]:
         """Names, image paths ('' when the batch carries no MONAI metadata) and labels of a batch."""

@@ -25,7 +25,7 @@ from custom.inference.plain_image import PlainImage
 from custom.inference.wsi import WholeSlideInferer
 
 __all__ = ["SLIDE_SUFFIXES", "PLAIN_SUFFIXES", "SlideInferenceError", "inference_items", "load_checkpoint",
-           "SlideInferenceRunner"]
+           "SlideInferenceRunner", "raise_for_failures"]
 
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
 PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -162,7 +162,7 @@ class SlideInferenceRunner:
     def run(self) -> dict:
         """Infer every item not yet done; return (and write as ``run_summary.json``) done/skipped/failed."""
         _check_writable(self.output_dir)
-        items = inference_items(self.dataset)
+        items = self.assigned(inference_items(self.dataset))
         load_checkpoint(self.network, self.ckpt_path)
         report: dict[str, list] = {"done": [], "skipped": [], "failed": []}
         for item in items:
@@ -178,8 +178,23 @@ class SlideInferenceRunner:
             report["done"].append(item["path"])
             logger.info("%s: score %.3f, tumour %.3f mm2", item["name"], summary["score"],
                         summary.get("tumour_area_mm2", 0.0))
+        return self.conclude(report)
+
+    def assigned(self, items: list[dict]) -> list[dict]:
+        """The items this process infers: all of them (a sharded runner keeps its share)."""
+        return items
+
+    def conclude(self, report: dict) -> dict:
+        """Write ``run_summary.json`` and, with ``raise_on_failure``, raise if any item failed; return ``report``."""
         (self.output_dir / "run_summary.json").write_text(json.dumps(report, indent=2))
-        if report["failed"] and self.raise_on_failure:
-            listed = "\n  ".join(f"{f['slide']}: {f['error']}" for f in report["failed"])
-            raise SlideInferenceError(f"{len(report['failed'])} of {len(items)} inputs failed:\n  {listed}")
+        if self.raise_on_failure:
+            raise_for_failures(report)
         return report
+
+
+def raise_for_failures(report: dict) -> None:
+    """Raise ``SlideInferenceError`` naming each failed input of a done/skipped/failed report, if any."""
+    if report["failed"]:
+        total = sum(len(report[k]) for k in ("done", "skipped", "failed"))
+        listed = "\n  ".join(f"{f['slide']}: {f['error']}" for f in report["failed"])
+        raise SlideInferenceError(f"{len(report['failed'])} of {total} inputs failed:\n  {listed}")
