@@ -1,2 +1,3 @@
 from .baselines import all_background_maps, evaluate_baselines, oracle_label_maps
 from .segmentation import METRIC_KEYS, MILSegmentationHandler, MILSegmentationMetric, evaluate_maps
+from .slide import SlideEvaluator, evaluate_slide, truth_reader
