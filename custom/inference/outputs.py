@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +34,13 @@ from skimage.transform import resize
 
 from custom.data.tissue import ASSUMED_LEVEL0_MPP
 from custom.inference.polygons import mask_polygons
-from custom.inference.stitch import read_raster_rows
+from custom.inference.stitch import StripMerger, read_raster_rows
 from custom.inference.wsi import SlidePrediction
 from custom.writers.asap_xml import write_asap_xml
 from custom.writers.geojson import write_qupath_geojson
 from custom.writers.pyramid_tiff import write_pyramid
 
-__all__ = ["SUMMARY_SUFFIX", "SCORE_DEFINITION", "RasterTiles", "summary_path", "write_slide_outputs",
+__all__ = ["SUMMARY_SUFFIX", "SCORE_DEFINITION", "RasterTiles", "PyramidStreamer", "summary_path", "write_slide_outputs",
            "write_image_outputs"]
 
 SUMMARY_SUFFIX = "_summary.json"
@@ -53,18 +54,55 @@ def summary_path(output_dir: str | os.PathLike, name: str) -> Path:
 
 
 class RasterTiles:
-    """``write_pyramid`` tile source over a raw raster: reads one band of rows at a time, optionally thresholded."""
+    """``write_pyramid`` tile source over a raw raster: reads one band of rows at a time, optionally thresholded.
 
-    def __init__(self, path: Path, shape_hw: tuple[int, int], threshold: int | None = None) -> None:
-        self.path, self.shape_hw, self.threshold = path, shape_hw, threshold
+    Given the ``merger`` still blending the raster, each band is read only once the merger has written it.
+    """
+
+    def __init__(self, path: Path, shape_hw: tuple[int, int], threshold: int | None = None,
+                 merger: StripMerger | None = None) -> None:
+        self.path, self.shape_hw, self.threshold, self.merger = path, shape_hw, threshold, merger
         self.band_row, self.band = -1, np.zeros((0, 0), np.uint8)
 
     def __call__(self, row: int, col: int, height: int, width: int) -> np.ndarray:
         if row != self.band_row:
+            if self.merger is not None:
+                self.merger.wait_rows(row + height)
             self.band_row, self.band = row, read_raster_rows(self.path, self.shape_hw, row, height)
             if self.threshold is not None:
                 self.band = np.where(self.band >= self.threshold, 255, 0).astype(np.uint8)
         return self.band[:height, col : col + width]
+
+
+class PyramidStreamer:
+    """Writes the probability and mask pyramids in background threads from the rows the merger has finished.
+
+    Pass :meth:`start` as ``on_start`` of ``WholeSlideInferer``: the TIFFs are written while the network runs (TIFF
+    encoding releases the GIL), and :meth:`result` waits for them and re-raises a writing error.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, name: str, threshold: float = 0.5) -> None:
+        self.folder, self.name, self.cut = Path(output_dir) / name, name, int(np.rint(255 * threshold))
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix=f"pyramids-{name}")
+        self.futures: dict[str, Future] = {}
+
+    def start(self, merger: StripMerger, mpp: float) -> None:
+        """Begin writing ``<name>_prob.tif`` and ``<name>_mask.tif`` (``mpp`` microns per pixel) as rows finish."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path, shape = merger.path, merger.shape_hw
+        self.futures = {
+            "prob": self.pool.submit(write_pyramid, self.folder / f"{self.name}_prob.tif",
+                                     RasterTiles(path, shape, merger=merger), shape, 1, mpp, downsample="mean"),
+            "mask": self.pool.submit(write_pyramid, self.folder / f"{self.name}_mask.tif",
+                                     RasterTiles(path, shape, self.cut, merger), shape, 1, mpp),
+        }
+
+    def result(self) -> dict[str, Path]:
+        """The written pyramids (an empty dict if never started), once both are complete."""
+        try:
+            return {key: future.result() for key, future in self.futures.items()}
+        finally:
+            self.pool.shutdown()
 
 
 @dataclass
@@ -121,8 +159,12 @@ def write_slide_outputs(
     simplify_px: float = 1.0,
     top_k: int = 1000,
     max_polygon_side: int = 8192,
+    pyramids: dict[str, Path] | None = None,
 ) -> dict:
-    """Write every output file of one slide and return its summary (also written, last, as JSON)."""
+    """Write every output file of one slide and return its summary (also written, last, as JSON).
+
+    ``pyramids`` are the probability and mask TIFFs already streamed by a :class:`PyramidStreamer`, if any.
+    """
     start = time.perf_counter()
     folder = Path(output_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -131,7 +173,7 @@ def write_slide_outputs(
     cut = int(np.rint(255 * threshold))
     stats = raster_stats(prediction, cut, max_polygon_side)
     shape = prediction.shape_hw
-    files = {
+    files = dict(pyramids) if pyramids else {
         "prob": write_pyramid(folder / f"{name}_prob.tif", RasterTiles(prediction.raster, shape), shape, 1,
                               level0_mpp * ds, downsample="mean"),
         "mask": write_pyramid(folder / f"{name}_mask.tif", RasterTiles(prediction.raster, shape, cut), shape, 1,

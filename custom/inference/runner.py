@@ -20,7 +20,7 @@ import torch
 
 from custom.data.datalist import load_slide_datalist
 from custom.data.slide import BACKENDS, open_slide
-from custom.inference.outputs import summary_path, write_image_outputs, write_slide_outputs
+from custom.inference.outputs import PyramidStreamer, summary_path, write_image_outputs, write_slide_outputs
 from custom.inference.plain_image import PlainImage
 from custom.inference.wsi import WholeSlideInferer
 
@@ -152,10 +152,14 @@ class SlideInferenceRunner:
                 image = PlainImage.read(item["path"])
                 prediction = self.inferer(image, self.network, raster, self.preprocessing, plain_image=True)
                 return write_image_outputs(prediction, self.output_dir, item["name"], self.threshold, self.top_k)
-            with open_slide(item["path"], self.backends) as slide:
-                prediction = self.inferer(slide, self.network, raster, self.preprocessing)
+            streamer = PyramidStreamer(self.output_dir, item["name"], self.threshold)
+            try:
+                with open_slide(item["path"], self.backends) as slide:
+                    prediction = self.inferer(slide, self.network, raster, self.preprocessing, on_start=streamer.start)
+            finally:
+                pyramids = streamer.result()  # the threads read the raster: wait for them before it is removed
             return write_slide_outputs(prediction, self.output_dir, item["name"], self.threshold, self.min_area_um2,
-                                       self.simplify_px, self.top_k)
+                                       self.simplify_px, self.top_k, pyramids=pyramids)
         finally:
             raster.unlink(missing_ok=True)
 

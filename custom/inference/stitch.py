@@ -4,6 +4,7 @@
 Tiles must arrive in row-major order of their top row (the order of ``custom.data.grid.make_tile_grid``): once a
 tile starting at row ``r`` arrives, every row above ``r`` is final, is normalised by its summed blending weights
 and is written out. Memory is therefore one tile-high float band of the level's width, whatever its height.
+Other threads may read the finished rows while tiles still arrive (``wait_rows``), e.g. to write output pyramids.
 
 Coordinates: ``row``/``col`` and ``(height, width)`` are pixels of the inferred level, numpy order.
 The raster file is raw row-major uint8 (probability x 255, rounded); rows no tile reached stay 0.
@@ -12,6 +13,7 @@ The raster file is raw row-major uint8 (probability x 255, rounded); rows no til
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,8 @@ class StripMerger:
         self.sum = np.zeros((tile, self.shape_hw[1]), np.float32)
         self.weight_sum = np.zeros((tile, self.shape_hw[1]), np.float32)
         self.top = 0
+        self.rows_done = 0
+        self.rows_ready = threading.Condition()
         self.file = open(self.path, "w+b")
         self.file.truncate(self.shape_hw[0] * self.shape_hw[1])  # sparse zeros: rows without tiles stay 0
 
@@ -79,12 +83,25 @@ class StripMerger:
         probability = np.divide(self.sum[:count], weight, out=np.zeros_like(weight), where=weight > 0)
         values = np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
         os.pwrite(self.file.fileno(), values.tobytes(), self.top * self.shape_hw[1])
+        self._publish(self.top + count)
+
+    def _publish(self, rows: int) -> None:
+        """Tell ``wait_rows`` callers that the first ``rows`` rows of the file are final."""
+        with self.rows_ready:
+            self.rows_done = max(self.rows_done, rows)
+            self.rows_ready.notify_all()
+
+    def wait_rows(self, stop: int) -> None:
+        """Block until rows ``[0, stop)`` are in the file (all of them once the merger is closed)."""
+        with self.rows_ready:
+            self.rows_ready.wait_for(lambda: self.rows_done >= min(stop, self.shape_hw[0]))
 
     def close(self) -> Path:
         """Write the remaining rows and close the file; returns its path."""
         if not self.file.closed:
             self._write_rows(self.sum.shape[0])
             self.file.close()
+            self._publish(self.shape_hw[0])
         return self.path
 
 
