@@ -3,7 +3,9 @@
 
 All methods run the same randomly initialised DWS-MIL on the same device over the same tissue tiles (MONAI gets the
 project's tile grid through ``filter_fn``, as a careful user would) with uniform blending (MONAI's ``AvgMerger``),
-so they produce the same probability map; the max absolute difference over the tiles is printed. Each method runs
+so they produce the same probability map; the max absolute difference over the tiles is printed. This project's
+engine folds BatchNorm into the convolutions and runs channels-last (the same function, ``inference_network``) and
+streams the output pyramids while the network runs; MONAI runs the plain network, as its users would. Each method runs
 in its own process so its peak resident memory is its own. The synthetic slide is generated once and cached; its
 level size is ``tile + k * (tile - overlap)`` so MONAI's zero padding and the project's white padding never differ.
 
@@ -35,7 +37,7 @@ from custom.data.grid import make_tile_grid
 from custom.data.slide import open_slide
 from custom.data.synthetic import make_layout, render_tile, tissue_fraction
 from custom.data.tissue import detect_tissue
-from custom.inference.outputs import write_slide_outputs
+from custom.inference.outputs import PyramidStreamer, write_slide_outputs
 from custom.inference.wsi import WholeSlideInferer
 from custom.networks import DWSMIL
 from custom.writers.pyramid_tiff import write_pyramid
@@ -108,8 +110,9 @@ def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, b
                                 min_tissue=min_tissue, blend_mode="constant", progress=False)
     slide = open_slide(slide_path)
     out.mkdir(parents=True, exist_ok=True)
-    prediction = inferer(slide, network, out / "prob.raw", normalise)
-    summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0)
+    streamer = PyramidStreamer(out, "slide")
+    prediction = inferer(slide, network, out / "prob.raw", normalise, on_start=streamer.start)
+    summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0, pyramids=streamer.result())
     return {"timings": summary["timings_s"], "n_tiles": prediction.n_tiles, "prob_tif": str(out / "slide" /
                                                                                           "slide_prob.tif")}
 
@@ -194,6 +197,10 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     print(f"slide {size} px, level {level} ({level_w}x{level_h}), {ours['n_tiles']} tissue tiles of {tile} "
           f"(overlap {overlap}), DWS-MIL width {width}, batch {batch_size}, {threads} torch threads, "
           f"{num_workers} reader worker(s); device cpu")
+    print("ours: BatchNorm folded into the convs (torch.fx) + channels-last, inference_mode, 1 reader process; the "
+          "prob/mask pyramids are written by background threads while the network runs, 'write' is what is left "
+          "after it (polygons, XML, overlay, summary).\nMONAI: the plain network under inference_mode, the same "
+          "batch size and torch threads, PatchInferer reading in the main process (it has no reader workers).")
     stages = ("tissue", "read", "preprocess", "wait", "model", "stitch", "write", "wall")
     print(f"{'method':<16}" + "".join(f"{s:>11}" for s in stages) + f"{'MP/s':>8}{'net%':>7}{'RSS MB':>9}"
           f"{'maxdiff':>9}")

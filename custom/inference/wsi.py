@@ -70,8 +70,8 @@ def _single_thread_worker(_: int) -> None:
 def inference_network(network: torch.nn.Module) -> torch.nn.Module:
     """The same function, faster to evaluate: BatchNorm folded into the conv before it, weights channels-last.
 
-    Works on an eval-mode copy (``torch.fx`` fusion), so the caller's network is untouched; a TorchScript module or
-    one that ``torch.fx`` cannot trace is returned as it is (still correct, only not sped up).
+    Works on a copy (``torch.fx`` fusion) of the network put in eval mode, whose weights stay untouched; a
+    TorchScript module or one that ``torch.fx`` cannot trace is returned as it is (correct, only not sped up).
     """
     network.eval()
     if isinstance(network, torch.jit.ScriptModule):
