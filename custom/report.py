@@ -87,11 +87,30 @@ def dataset_baselines(dataset: Sequence[Mapping], **kwargs: Any) -> dict[str, di
 
 
 def select_final_model(teacher: torch.nn.Module, role_swap: RoleSwapHandler) -> tuple[dict[str, torch.Tensor], str, float | None]:
-    """The weights to ship: the best validated student when it beats the current teacher, else the teacher."""
+    """The weights to ship (``model.pt``): the best validated student when it beats the current teacher, else the
+    teacher, which is the stage-1 MIL teacher when no swap happened and a former student otherwise."""
     best, best_score = role_swap.best_student_state, role_swap.best_student_score
     if best is not None and (role_swap.teacher_score is None or best_score > role_swap.teacher_score):
         return copy.deepcopy(best), "best student", best_score
-    return copy.deepcopy(teacher.state_dict()), "teacher", role_swap.teacher_score
+    return copy.deepcopy(teacher.state_dict()), _teacher_origin(role_swap), role_swap.teacher_score
+
+
+def distilled_model(teacher: torch.nn.Module, role_swap: RoleSwapHandler) -> tuple[dict[str, torch.Tensor], str, float | None]:
+    """The distillation's result, reported as ``student`` even when it does not beat the stage-1 teacher: the best
+    validated student, or, once a swap has made a student the teacher, the better of the two on validation."""
+    if role_swap.best_student_state is None or (_swapped(role_swap) and not role_swap.best_student_score > role_swap.teacher_score):
+        return copy.deepcopy(teacher.state_dict()), _teacher_origin(role_swap), role_swap.teacher_score
+    return copy.deepcopy(role_swap.best_student_state), "best student", role_swap.best_student_score
+
+
+def _swapped(role_swap: RoleSwapHandler) -> bool:
+    """Whether any role swap has happened, i.e. the teacher is a former student."""
+    return any(r["swapped"] for r in role_swap.rounds)
+
+
+def _teacher_origin(role_swap: RoleSwapHandler) -> str:
+    """Where the current teacher's weights come from, for the report."""
+    return "teacher (a former student, after swaps)" if _swapped(role_swap) else "stage-1 MIL teacher"
 
 
 def curves_from_loggers(
@@ -145,7 +164,8 @@ def finish_training(
     threshold: float = 0.5,
     n_overlays: int = 6,
 ) -> dict[str, Any]:
-    """Save ``model.pt`` (the final model), evaluate it and the stage-1 teacher on the test split once, and write
+    """Save ``model.pt`` (the final model), evaluate the distilled model and the stage-1 teacher on the test split
+    once (``model.pt`` is one of the two), and write
     ``metrics.json``, ``training_curves.png`` and ``overlays.png`` into ``output_dir``; print the comparison.
 
     ``test_display`` holds the test items without normalisation (image in [0, 1], mask, label, name), index-aligned
@@ -155,7 +175,8 @@ def finish_training(
     output_dir.mkdir(parents=True, exist_ok=True)
     weights, source, val_score = select_final_model(teacher, role_swap)
     torch.save(weights, ckpt_dir / "model.pt")
-    student.load_state_dict(weights)
+    distilled, distilled_source, distilled_score = distilled_model(teacher, role_swap)
+    student.load_state_dict(distilled)
     kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}
     results = {
         "teacher": evaluate_network(stage1_teacher, test_loader, device, amp, **kwargs),
@@ -165,6 +186,7 @@ def finish_training(
     report = {
         **results,
         "baselines": baselines,
+        "student_model": {"source": distilled_source, "val_f1": distilled_score},
         "final_model": {"source": source, "val_f1": val_score, "path": str(ckpt_dir / "model.pt")},
         "rounds": role_swap.rounds,
         "config": dict(config),
@@ -178,7 +200,7 @@ def finish_training(
     )
     _overlays(stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays, threshold)
     table = format_table(
-        {"MIL teacher (stage 1)": results["teacher"], "distilled (final model)": results["student"],
+        {"MIL teacher (stage 1)": results["teacher"], f"distilled ({distilled_source})": results["student"],
          **{f"baseline: {k}": v for k, v in baselines.items()}}
     )
     logger.info("test split results\n" + table)
