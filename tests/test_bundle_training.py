@@ -99,27 +99,36 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
     assert "MIL teacher (stage 1)" in log and "baseline: oracle_label" in log
 
 
-def kill_when_written(command: list[str], checkpoint: Path) -> None:
-    """Start a training and SIGKILL it (with its workers) as soon as ``checkpoint`` has been written."""
+def kill_after_checkpoint(command: list[str], models: Path, prefix: str, max_epochs: int) -> tuple[int, dict]:
+    """Start a training and SIGKILL it (with its workers) as soon as one of its ``prefix`` epoch checkpoints is
+    complete (it loads); return that epoch and the checkpoint, which must come before the last epoch."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 400
-    while not checkpoint.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)  # let the saver finish the file it has just created
+    deadline, saved = time.monotonic() + 400, None
+    while saved is None and process.poll() is None and time.monotonic() < deadline:
+        for path in models.glob(f"{prefix}_checkpoint_epoch=*.pt"):
+            try:
+                saved = (int(path.stem.split("=")[1]), torch.load(path, weights_only=False))
+            except Exception:  # still being written, or just replaced by the next epoch's file
+                continue
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert checkpoint.is_file(), f"the run never wrote {checkpoint.name}"
+    assert saved is not None, f"the run wrote no complete {prefix} checkpoint before it ended"
+    assert saved[0] < max_epochs, f"the run reached epoch {saved[0]} of {max_epochs} before it could be killed"
+    return saved
 
 
 def test_killed_stage1_resumes_to_the_same_weights(tiny_data, tmp_path):
-    """Stage 1 killed after epoch 1 and rerun ends with the weights of an uninterrupted run (same seed, same config)."""
+    """Stage 1 killed after an epoch and rerun ends with the weights of an uninterrupted run (same seed, same config)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_bundle(straight, tiny_data, stage2_epochs=0)
-    kill_when_written(bundle_command(resumed, tiny_data, stage2_epochs=0), resumed / "models" / "stage1_checkpoint_epoch=1.pt")
-    log = run_bundle(resumed, tiny_data, stage2_epochs=0)
-    assert "stage1: resumed from" in log and "at epoch 1 of 2" in log
-    a = torch.load(straight / "models" / "stage1_checkpoint_epoch=2.pt", weights_only=False)
-    b = torch.load(resumed / "models" / "stage1_checkpoint_epoch=2.pt", weights_only=False)
+    run_bundle(straight, tiny_data, stage1_epochs=3, stage2_epochs=0)
+    epoch, _ = kill_after_checkpoint(
+        bundle_command(resumed, tiny_data, stage1_epochs=3, stage2_epochs=0), resumed / "models", "stage1", 3
+    )
+    log = run_bundle(resumed, tiny_data, stage1_epochs=3, stage2_epochs=0)
+    assert "stage1: resumed from" in log and f"at epoch {epoch} of 3" in log
+    a = torch.load(straight / "models" / "stage1_checkpoint_epoch=3.pt", weights_only=False)
+    b = torch.load(resumed / "models" / "stage1_checkpoint_epoch=3.pt", weights_only=False)
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] > 0
     for key, value in a["teacher"].items():
         torch.testing.assert_close(b["teacher"][key], value, msg=f"teacher weight {key} differs after resume")
@@ -127,19 +136,18 @@ def test_killed_stage1_resumes_to_the_same_weights(tiny_data, tmp_path):
 
 def test_killed_stage2_resumes_with_same_teacher_and_schedule(tiny_data, tmp_path):
     """SIGKILL during stage 2; the rerun restores teacher, rounds and pseudo-label round, and finishes the schedule."""
-    ckpt = tmp_path / "models" / "stage2_checkpoint_epoch=2.pt"
-    kill_when_written(bundle_command(tmp_path, tiny_data, stage2_epochs=4, swap_policy="periodic"), ckpt)
-    saved = torch.load(ckpt, weights_only=False)
-    assert [r["epoch"] for r in saved["role_swap"]["rounds"]] == [1, 2]
+    command = bundle_command(tmp_path, tiny_data, stage2_epochs=4, swap_policy="periodic")
+    epoch, saved = kill_after_checkpoint(command, tmp_path / "models", "stage2", 4)
+    assert [r["epoch"] for r in saved["role_swap"]["rounds"]] == list(range(1, epoch + 1))
+    assert saved["pseudo_labels"]["round"] == epoch  # one regeneration per (periodic) swap
     assert not (tmp_path / "out" / "metrics.json").exists()
 
     log = run_bundle(tmp_path, tiny_data, stage2_epochs=4, swap_policy="periodic")
-    assert "stage1: already complete" in log and "stage2: resumed from" in log
+    assert "stage1: already complete" in log and "stage2: resumed from" in log and f"at epoch {epoch} of 4" in log
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     rounds = report["rounds"]
     assert [r["epoch"] for r in rounds] == [1, 2, 3, 4] and all(r["swapped"] for r in rounds)
-    assert rounds[:2] == saved["role_swap"]["rounds"]
-    assert saved["pseudo_labels"]["round"] == 2
+    assert rounds[:epoch] == saved["role_swap"]["rounds"]
     final = torch.load(tmp_path / "models" / "stage2_checkpoint_epoch=4.pt", weights_only=False)
     assert final["pseudo_labels"]["round"] == 4 and final["trainer"]["iteration"] == 4 * final["trainer"]["epoch_length"]
 
