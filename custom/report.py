@@ -200,12 +200,12 @@ def finish_training(
     )
     _overlays(stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays, threshold)
     table = format_table(
-        {"MIL teacher (stage 1)": results["teacher"], f"distilled ({distilled_source})": results["student"],
+        {"MIL teacher (stage 1)": results["teacher"], "distilled student": results["student"],
          **{f"baseline: {k}": v for k, v in baselines.items()}}
     )
     logger.info("test split results\n" + table)
     print(f"\nTest split ({results['student']['n_pos']} positive, {results['student']['n_neg']} negative images):\n{table}")
-    print(f"Outputs in {output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, validation F1 {val_score})")
+    print(f"Distilled student: {distilled_source}. Outputs in {output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, validation F1 {val_score})")
     return report
 
 
