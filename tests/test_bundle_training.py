@@ -99,20 +99,27 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
     assert "MIL teacher (stage 1)" in log and "baseline: oracle_label" in log
 
 
+def newest_checkpoint(models: Path, prefix: str) -> tuple[int, dict] | None:
+    """(epoch, content) of the newest ``prefix`` epoch checkpoint that loads, as ``run_stage`` will pick it."""
+    paths = sorted(models.glob(f"{prefix}_checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True)
+    for path in paths:
+        try:
+            return int(path.stem.split("=")[1]), torch.load(path, weights_only=False)
+        except Exception:  # still being written when the run was killed
+            continue
+    return None
+
+
 def kill_after_checkpoint(command: list[str], models: Path, prefix: str, max_epochs: int) -> tuple[int, dict]:
-    """Start a training and SIGKILL it (with its workers) as soon as one of its ``prefix`` epoch checkpoints is
-    complete (it loads); return that epoch and the checkpoint, which must come before the last epoch."""
+    """Start a training, SIGKILL it (with its workers) as soon as a ``prefix`` epoch checkpoint is complete, and
+    return the newest complete one left behind, which must come before the last epoch."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline, saved = time.monotonic() + 400, None
-    while saved is None and process.poll() is None and time.monotonic() < deadline:
-        for path in models.glob(f"{prefix}_checkpoint_epoch=*.pt"):
-            try:
-                saved = (int(path.stem.split("=")[1]), torch.load(path, weights_only=False))
-            except Exception:  # still being written, or just replaced by the next epoch's file
-                continue
-        time.sleep(0.05)
+    deadline = time.monotonic() + 400
+    while newest_checkpoint(models, prefix) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    saved = newest_checkpoint(models, prefix)
     assert saved is not None, f"the run wrote no complete {prefix} checkpoint before it ended"
     assert saved[0] < max_epochs, f"the run reached epoch {saved[0]} of {max_epochs} before it could be killed"
     return saved
@@ -121,14 +128,14 @@ def kill_after_checkpoint(command: list[str], models: Path, prefix: str, max_epo
 def test_killed_stage1_resumes_to_the_same_weights(tiny_data, tmp_path):
     """Stage 1 killed after an epoch and rerun ends with the weights of an uninterrupted run (same seed, same config)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_bundle(straight, tiny_data, stage1_epochs=3, stage2_epochs=0)
+    run_bundle(straight, tiny_data, stage1_epochs=5, stage2_epochs=0)
     epoch, _ = kill_after_checkpoint(
-        bundle_command(resumed, tiny_data, stage1_epochs=3, stage2_epochs=0), resumed / "models", "stage1", 3
+        bundle_command(resumed, tiny_data, stage1_epochs=5, stage2_epochs=0), resumed / "models", "stage1", 5
     )
-    log = run_bundle(resumed, tiny_data, stage1_epochs=3, stage2_epochs=0)
-    assert "stage1: resumed from" in log and f"at epoch {epoch} of 3" in log
-    a = torch.load(straight / "models" / "stage1_checkpoint_epoch=3.pt", weights_only=False)
-    b = torch.load(resumed / "models" / "stage1_checkpoint_epoch=3.pt", weights_only=False)
+    log = run_bundle(resumed, tiny_data, stage1_epochs=5, stage2_epochs=0)
+    assert "stage1: resumed from" in log and f"at epoch {epoch} of 5" in log
+    a = torch.load(straight / "models" / "stage1_checkpoint_epoch=5.pt", weights_only=False)
+    b = torch.load(resumed / "models" / "stage1_checkpoint_epoch=5.pt", weights_only=False)
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] > 0
     for key, value in a["teacher"].items():
         torch.testing.assert_close(b["teacher"][key], value, msg=f"teacher weight {key} differs after resume")
@@ -136,20 +143,20 @@ def test_killed_stage1_resumes_to_the_same_weights(tiny_data, tmp_path):
 
 def test_killed_stage2_resumes_with_same_teacher_and_schedule(tiny_data, tmp_path):
     """SIGKILL during stage 2; the rerun restores teacher, rounds and pseudo-label round, and finishes the schedule."""
-    command = bundle_command(tmp_path, tiny_data, stage2_epochs=4, swap_policy="periodic")
-    epoch, saved = kill_after_checkpoint(command, tmp_path / "models", "stage2", 4)
+    command = bundle_command(tmp_path, tiny_data, stage2_epochs=6, swap_policy="periodic")
+    epoch, saved = kill_after_checkpoint(command, tmp_path / "models", "stage2", 6)
     assert [r["epoch"] for r in saved["role_swap"]["rounds"]] == list(range(1, epoch + 1))
     assert saved["pseudo_labels"]["round"] == epoch  # one regeneration per (periodic) swap
     assert not (tmp_path / "out" / "metrics.json").exists()
 
-    log = run_bundle(tmp_path, tiny_data, stage2_epochs=4, swap_policy="periodic")
-    assert "stage1: already complete" in log and "stage2: resumed from" in log and f"at epoch {epoch} of 4" in log
+    log = run_bundle(tmp_path, tiny_data, stage2_epochs=6, swap_policy="periodic")
+    assert "stage1: already complete" in log and "stage2: resumed from" in log and f"at epoch {epoch} of 6" in log
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     rounds = report["rounds"]
-    assert [r["epoch"] for r in rounds] == [1, 2, 3, 4] and all(r["swapped"] for r in rounds)
+    assert [r["epoch"] for r in rounds] == [1, 2, 3, 4, 5, 6] and all(r["swapped"] for r in rounds)
     assert rounds[:epoch] == saved["role_swap"]["rounds"]
-    final = torch.load(tmp_path / "models" / "stage2_checkpoint_epoch=4.pt", weights_only=False)
-    assert final["pseudo_labels"]["round"] == 4 and final["trainer"]["iteration"] == 4 * final["trainer"]["epoch_length"]
+    final = torch.load(tmp_path / "models" / "stage2_checkpoint_epoch=6.pt", weights_only=False)
+    assert final["pseudo_labels"]["round"] == 6 and final["trainer"]["iteration"] == 6 * final["trainer"]["epoch_length"]
 
 
 def test_evaluate_config_writes_eval_metrics(tiny_data, tmp_path):
