@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from custom.data.grid import TileGrid, make_tile_grid
-from custom.data.slide import BACKENDS, Slide, select_level
+from custom.data.slide import Slide, select_level
 from custom.data.tissue import ASSUMED_LEVEL0_MPP, TissueMask, detect_tissue
 from custom.inference.stitch import StripMerger, importance_map
 
