@@ -3,16 +3,19 @@
 
 All methods run the same randomly initialised DWS-MIL on the same device over the same tissue tiles (MONAI gets the
 project's tile grid through ``filter_fn``, as a careful user would) with uniform blending (MONAI's ``AvgMerger``),
-so they produce the same probability map; the max absolute difference over the tiles is printed. This project's
-engine folds BatchNorm into the convolutions and runs channels-last (the same function, ``inference_network``) and
-streams the output pyramids while the network runs; MONAI runs the plain network, as its users would. Each method runs
-in its own process so its peak resident memory is its own. The synthetic slide is generated once and cached; its
+so they produce the same probability map; the max absolute difference over the tiles is printed. Like with like, every
+method ends with that map on disk as the same tiled pyramidal TIFF (MONAI's merged array is written with the project's
+``write_pyramid``, as its user would write it once inference returns). This project's engine folds BatchNorm into the
+convolutions and runs channels-last (the same function, ``inference_network``), reads tiles in a worker process and
+streams the pyramid while the network runs; MONAI runs the plain network, as its users would. A second row of ours
+writes every output (mask pyramid, GeoJSON, ASAP XML, overlay) as the inference config does by default. Each method
+runs in its own process so its peak resident memory is its own. The synthetic slide is generated once and cached; its
 level size is ``tile + k * (tile - overlap)`` so MONAI's zero padding and the project's white padding never differ.
 
     python scripts/bench_infer.py                              # 20,736 px slide, inferred at level 2
     python scripts/bench_infer.py --memory_check               # also the 4x larger slide (2x2 mosaic), ours only
 
-The last line is ``speedup_vs_monai=<ratio>`` against the faster MONAI variant.
+The last line is ``speedup_vs_monai=<ratio>``: the faster MONAI variant's wall time over ours, same output file.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from custom.data.grid import make_tile_grid
 from custom.data.slide import open_slide
 from custom.data.synthetic import make_layout, render_tile, tissue_fraction
 from custom.data.tissue import detect_tissue
-from custom.inference.outputs import PyramidStreamer, write_slide_outputs
+from custom.inference.outputs import SLIDE_OUTPUTS, PyramidStreamer, write_slide_outputs
 from custom.inference.wsi import WholeSlideInferer
 from custom.networks import DWSMIL
 from custom.writers.pyramid_tiff import write_pyramid
@@ -103,18 +106,19 @@ def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: flo
 
 
 def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, batch_size: int, num_workers: int,
-             width: float, threads: int, min_tissue: float) -> dict:
-    """This project's engine plus every output file; returns the stage timings."""
+             width: float, threads: int, min_tissue: float, outputs: tuple[str, ...] = ("prob",)) -> dict:
+    """This project's engine writing ``outputs`` (of ``SLIDE_OUTPUTS``); returns the stage timings."""
     network = _network(width, threads)
     inferer = WholeSlideInferer(tile, overlap, level=level, batch_size=batch_size, num_workers=num_workers,
                                 min_tissue=min_tissue, blend_mode="constant", progress=False)
+    start = time.perf_counter()
     slide = open_slide(slide_path)
     out.mkdir(parents=True, exist_ok=True)
-    streamer = PyramidStreamer(out, "slide")
+    streamer = PyramidStreamer(out, "slide", outputs=outputs)
     prediction = inferer(slide, network, out / "prob.raw", normalise, on_start=streamer.start)
-    summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0, pyramids=streamer.result())
-    return {"timings": summary["timings_s"], "n_tiles": prediction.n_tiles, "prob_tif": str(out / "slide" /
-                                                                                          "slide_prob.tif")}
+    summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0, pyramids=streamer, outputs=outputs)
+    timings = dict(summary["timings_s"], wall=time.perf_counter() - start)
+    return {"timings": timings, "n_tiles": prediction.n_tiles, "prob_tif": str(out / "slide" / "slide_prob.tif")}
 
 
 class _Timed(torch.nn.Module):
@@ -131,9 +135,9 @@ class _Timed(torch.nn.Module):
         return out
 
 
-def run_monai(slide_path: Path, reader: str, level: int, tile: int, overlap: int, batch_size: int, width: float,
-              threads: int, min_tissue: float, ours_tif: str | None) -> dict:
-    """MONAI's PatchInferer + WSISlidingWindowSplitter over the same tissue tiles; compares with our map."""
+def run_monai(slide_path: Path, out: Path, reader: str, level: int, tile: int, overlap: int, batch_size: int,
+              width: float, threads: int, min_tissue: float, ours_tif: str | None) -> dict:
+    """MONAI's PatchInferer + WSISlidingWindowSplitter over the same tissue tiles, its map written as ours is."""
     from monai.inferers import AvgMerger, PatchInferer, WSISlidingWindowSplitter
 
     start = time.perf_counter()
@@ -148,8 +152,14 @@ def run_monai(slide_path: Path, reader: str, level: int, tile: int, overlap: int
     network = _Timed(_network(width, threads))
     with torch.inference_mode():
         merged = inferer(str(slide_path), network)[0, 0].numpy()
+    written = time.perf_counter()
+    values = np.rint(np.clip(np.nan_to_num(merged, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+    mpp = 0.5 * slide.level_downsamples[level]  # the synthetic slide is 0.5 um/px at level 0
+    write_pyramid(out / "monai_prob.tif", lambda r, c, h, w: values[r : r + h, c : c + w], values.shape, 1, mpp,
+                  downsample="mean")
     wall = time.perf_counter() - start
-    result = {"timings": {"tissue": tissue_s, "model": network.seconds, "wall": wall}, "n_tiles": len(grid)}
+    timings = {"tissue": tissue_s, "model": network.seconds, "write": wall - (written - start), "wall": wall}
+    result = {"timings": timings, "n_tiles": len(grid)}
     if ours_tif:
         ours = tifffile.imread(ours_tif, level=0) / 255.0
         covered = np.isfinite(merged)
@@ -171,16 +181,19 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
           num_workers: int = 1, width: float = 0.25, threads: int = 2, min_tissue: float = 0.01,
           cache_dir: str = os.path.join(tempfile.gettempdir(), "wsl_bench"), memory_check: bool = False,
           method: str | None = None, slide: str | None = None, ours_tif: str | None = None) -> None:
-    """Print the comparison table; ``method`` (ours / openslide / cucim) runs a single method (internal use)."""
+    """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim) runs one method (internal use)."""
     common = {"level": level, "tile": tile, "overlap": overlap, "batch_size": batch_size, "width": width,
               "threads": threads, "min_tissue": min_tissue}
     if method is not None:
         path = Path(slide)
-        if method == "ours":
-            result = run_ours(path, Path(cache_dir) / f"out_{path.stem}", num_workers=num_workers, **common)
+        out = Path(cache_dir) / f"out_{path.stem}_{method}"
+        if method in ("ours", "ours_all"):
+            outputs = SLIDE_OUTPUTS if method == "ours_all" else ("prob",)
+            result = run_ours(path, out, num_workers=num_workers, outputs=outputs, **common)
         else:
-            result = run_monai(path, {"openslide": "OpenSlide", "cucim": "cuCIM"}[method], ours_tif=ours_tif,
-                               **common)
+            out.mkdir(parents=True, exist_ok=True)
+            reader = {"openslide": "OpenSlide", "cucim": "cuCIM"}[method]
+            result = run_monai(path, out, reader, ours_tif=ours_tif, **common)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -192,23 +205,26 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     ours = _child("ours", slide=slide_path, cache_dir=cache, num_workers=num_workers, **common)
     rows = {"ours": ours}
     for reader in ("openslide", "cucim"):
-        rows[f"monai_{reader}"] = _child(reader, slide=slide_path, ours_tif=ours["prob_tif"], **common)
+        rows[f"monai_{reader}"] = _child(reader, slide=slide_path, cache_dir=cache, ours_tif=ours["prob_tif"], **common)
+    rows["ours_all_outputs"] = _child("ours_all", slide=slide_path, cache_dir=cache, num_workers=num_workers, **common)
     tissue_mp = ours["n_tiles"] * (tile - overlap) ** 2 / 1e6  # tissue area the tiles stand for, level pixels
     print(f"slide {size} px, level {level} ({level_w}x{level_h}), {ours['n_tiles']} tissue tiles of {tile} "
           f"(overlap {overlap}), DWS-MIL width {width}, batch {batch_size}, {threads} torch threads, "
           f"{num_workers} reader worker(s); device cpu")
-    print("ours: BatchNorm folded into the convs (torch.fx) + channels-last, inference_mode, 1 reader process; the "
-          "prob/mask pyramids are written by background threads while the network runs, 'write' is what is left "
-          "after it (polygons, XML, overlay, summary).\nMONAI: the plain network under inference_mode, the same "
-          "batch size and torch threads, PatchInferer reading in the main process (it has no reader workers).")
+    print("Every row ends with the probability map as the same LZW pyramidal TIFF on disk.\n"
+          "ours: BatchNorm folded into the convs (torch.fx) + channels-last, inference_mode, tiles read in a worker "
+          "process, the pyramid written by a background thread as rows finish; 'write' is what is left after the "
+          "network.\nMONAI: the plain network under inference_mode, the same batch size and torch threads, "
+          "PatchInferer reading in the main process (it has no reader workers); 'write' = its map to the TIFF.\n"
+          "ours_all_outputs: also the mask pyramid, GeoJSON, ASAP XML and overlay (the inference config's default).")
     stages = ("tissue", "read", "preprocess", "wait", "model", "stitch", "write", "wall")
-    print(f"{'method':<16}" + "".join(f"{s:>11}" for s in stages) + f"{'MP/s':>8}{'net%':>7}{'RSS MB':>9}"
+    print(f"{'method':<18}" + "".join(f"{s:>10}" for s in stages) + f"{'MP/s':>8}{'net%':>7}{'RSS MB':>9}"
           f"{'maxdiff':>9}")
     for name, row in rows.items():
         t = row["timings"]
-        cells = "".join(f"{t[s]:>11.2f}" if s in t else f"{'-':>11}" for s in stages)
+        cells = "".join(f"{t[s]:>10.2f}" if s in t else f"{'-':>10}" for s in stages)
         diff = f"{row['max_abs_diff']:.4f}" if "max_abs_diff" in row else "-"
-        print(f"{name:<16}{cells}{tissue_mp / t['wall']:>8.2f}{100 * t['model'] / t['wall']:>6.0f}%"
+        print(f"{name:<18}{cells}{tissue_mp / t['wall']:>8.2f}{100 * t['model'] / t['wall']:>6.0f}%"
               f"{row['peak_rss_mb']:>9.0f}{diff:>9}")
     if memory_check:
         mosaic = make_mosaic(slide_path, cache / f"bench_{2 * size}_mosaic.tif")
@@ -217,6 +233,8 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
         print(f"peak RSS ours: {ours['peak_rss_mb']:.0f} MB on {size} px, {big['peak_rss_mb']:.0f} MB on the 4x "
               f"slide ({2 * size} px, {big['n_tiles']} tiles, wall {big['timings']['wall']:.1f} s): x{ratio:.2f}")
     fastest = min(rows[k]["timings"]["wall"] for k in ("monai_openslide", "monai_cucim"))
+    print(f"all outputs: speedup {fastest / rows['ours_all_outputs']['timings']['wall']:.2f} over MONAI writing only "
+          "the probability map")
     print(f"speedup_vs_monai={fastest / ours['timings']['wall']:.2f}")
 
 

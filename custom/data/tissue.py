@@ -22,7 +22,6 @@ import numpy as np
 import shapely
 from shapely.affinity import affine_transform
 from shapely.geometry import Polygon, mapping
-from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from skimage.io import imsave
 from skimage.measure import find_contours
@@ -100,6 +99,14 @@ def _working_resolution(slide: Slide, mpp: float, level: int | None, level0_mpp:
     return level, max(1, int(target / slide.level_downsamples[level] + 1e-6))
 
 
+def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value of a uint8 RGB image in [0, 1] (float32), without computing the hue nobody uses."""
+    high = rgb.max(axis=-1).astype(np.float32)
+    low = rgb.min(axis=-1).astype(np.float32)
+    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
+    return saturation, high / 255.0
+
+
 def _saturation_threshold(saturation: np.ndarray, min_saturation: float) -> float:
     """Otsu threshold of the saturation, floored so glass-only (or constant) images yield no tissue."""
     if saturation.size == 0 or np.ptp(saturation) < 1e-3:
@@ -142,8 +149,8 @@ def detect_tissue(
     read_level, factor = _working_resolution(slide, mpp, level, level0_mpp)
     thumbnail = _thumbnail(slide, read_level, factor)
     downsample = slide.level_downsamples[read_level] * factor
-    hsv = rgb2hsv(thumbnail)
-    saturation, usable = hsv[..., 1], hsv[..., 2] >= dark_value
+    saturation, value = saturation_value(thumbnail)
+    usable = value >= dark_value
     used = _saturation_threshold(saturation[usable], min_saturation) if threshold is None else float(threshold)
     pixel_um2 = (level0_mpp * downsample) ** 2
     mask = closing((saturation > used) & usable, disk(2))

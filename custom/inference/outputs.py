@@ -10,6 +10,10 @@ For a slide ``<name>`` (all in ``<output_dir>/<name>/``):
 * ``<name>_overlay.png`` slide thumbnail with the mask tinted red and outlined;
 * ``<name>_summary.json`` areas, scores, geometry and timings; written LAST, so its presence means complete.
 
+``outputs`` selects which of the first five are written (:data:`SLIDE_OUTPUTS`, all by default); the summary always is.
+The histogram behind the summary's numbers and the reduced mask behind the polygons and the overlay are gathered
+while the pyramids stream (:class:`RasterStats`), so finishing a slide does not read its raster again.
+
 Both TIFFs are written at the inferred level: their level 0 is the slide's level ``level`` (downsample ``ds``), and
 their resolution tags say ``mpp = slide level-0 mpp x ds``, so viewers that place overlays by physical size (QuPath,
 ASAP) align them with the slide; the summary records ``downsample`` to scale pixel coordinates by hand.
@@ -23,7 +27,6 @@ import json
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -40,12 +43,22 @@ from custom.writers.asap_xml import write_asap_xml
 from custom.writers.geojson import write_qupath_geojson
 from custom.writers.pyramid_tiff import write_pyramid
 
-__all__ = ["SUMMARY_SUFFIX", "SCORE_DEFINITION", "RasterTiles", "PyramidStreamer", "summary_path", "write_slide_outputs",
-           "write_image_outputs"]
+__all__ = ["SUMMARY_SUFFIX", "SCORE_DEFINITION", "SLIDE_OUTPUTS", "RasterStats", "RasterTiles", "PyramidStreamer",
+           "check_outputs", "summary_path", "write_slide_outputs", "write_image_outputs"]
 
 SUMMARY_SUFFIX = "_summary.json"
 SCORE_DEFINITION = "mean of the top_k highest pixel probabilities of the map (robust to isolated hot pixels)"
+SLIDE_OUTPUTS = ("prob", "mask", "geojson", "asap_xml", "overlay")
+"""Keys of the optional per-slide files (``files`` in the summary): pyramids, polygons, XML, overlay picture."""
 _TILE = 256
+
+
+def check_outputs(outputs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The requested outputs as a tuple, refusing unknown names (config key ``outputs``) before any work."""
+    unknown = sorted(set(outputs) - set(SLIDE_OUTPUTS))
+    if unknown:
+        raise ValueError(f"unknown slide outputs {unknown} (config key 'outputs'); choose from {list(SLIDE_OUTPUTS)}")
+    return tuple(outputs)
 
 
 def summary_path(output_dir: str | os.PathLike, name: str) -> Path:
@@ -53,15 +66,57 @@ def summary_path(output_dir: str | os.PathLike, name: str) -> Path:
     return Path(output_dir) / name / f"{name}{SUMMARY_SUFFIX}"
 
 
+class RasterStats:
+    """What one pass over the raster's rows gathers: the value histogram and a reduced tumour mask.
+
+    The mask is the raster thresholded and shrunk by ``factor`` (a power of two, majority vote per block) so that
+    its longer side is at most ``max_side``; it feeds the polygons and the overlay. Rows must arrive top to bottom
+    in bands whose height is a multiple of ``factor`` (except the last).
+    """
+
+    def __init__(self, shape_hw: tuple[int, int], threshold: int, max_side: int) -> None:
+        height, width = shape_hw
+        self.factor, self.threshold, self.rows = 1, threshold, 0
+        while max(height, width) > max_side * self.factor:
+            self.factor *= 2
+        self.histogram = np.zeros(256, np.int64)
+        self.mask = np.zeros((-(-height // self.factor), -(-width // self.factor)), bool)
+        self.complete = height == 0
+
+    def add(self, row: int, values: np.ndarray) -> None:
+        """Count the ``(rows, width)`` uint8 band starting at raster row ``row``."""
+        if row != self.rows or row % self.factor:
+            raise ValueError(f"raster rows must arrive in order in bands of {self.factor}: expected {self.rows}, "
+                             f"got {row}")
+        self.histogram += np.bincount(values.ravel(), minlength=256)
+        tumour = values >= self.threshold
+        pad = ((0, -tumour.shape[0] % self.factor), (0, -tumour.shape[1] % self.factor))
+        blocks = np.pad(tumour, pad).reshape(-1, self.factor, self.mask.shape[1], self.factor)
+        top = row // self.factor
+        self.mask[top : top + blocks.shape[0]] = blocks.mean(axis=(1, 3)) >= 0.5
+        self.rows = row + values.shape[0]
+        self.complete = top + blocks.shape[0] >= self.mask.shape[0]
+
+
+def raster_stats(prediction: SlidePrediction, threshold: int, max_side: int) -> RasterStats:
+    """:class:`RasterStats` of a finished raster, read from disk band by band."""
+    stats = RasterStats(prediction.shape_hw, threshold, max_side)
+    band = stats.factor * max(1, _TILE // stats.factor)
+    for row in range(0, prediction.shape_hw[0], band):
+        stats.add(row, read_raster_rows(prediction.raster, prediction.shape_hw, row, band))
+    return stats
+
+
 class RasterTiles:
     """``write_pyramid`` tile source over a raw raster: reads one band of rows at a time, optionally thresholded.
 
-    Given the ``merger`` still blending the raster, each band is read only once the merger has written it.
+    Given the ``merger`` still blending the raster, each band is read only once the merger has written it; given
+    ``stats``, each band is also counted there (before thresholding).
     """
 
     def __init__(self, path: Path, shape_hw: tuple[int, int], threshold: int | None = None,
-                 merger: StripMerger | None = None) -> None:
-        self.path, self.shape_hw, self.threshold, self.merger = path, shape_hw, threshold, merger
+                 merger: StripMerger | None = None, stats: RasterStats | None = None) -> None:
+        self.path, self.shape_hw, self.threshold, self.merger, self.stats = path, shape_hw, threshold, merger, stats
         self.band_row, self.band = -1, np.zeros((0, 0), np.uint8)
 
     def __call__(self, row: int, col: int, height: int, width: int) -> np.ndarray:
@@ -69,6 +124,8 @@ class RasterTiles:
             if self.merger is not None:
                 self.merger.wait_rows(row + height)
             self.band_row, self.band = row, read_raster_rows(self.path, self.shape_hw, row, height)
+            if self.stats is not None:
+                self.stats.add(row, self.band)
             if self.threshold is not None:
                 self.band = np.where(self.band >= self.threshold, 255, 0).astype(np.uint8)
         return self.band[:height, col : col + width]
@@ -78,59 +135,37 @@ class PyramidStreamer:
     """Writes the probability and mask pyramids in background threads from the rows the merger has finished.
 
     Pass :meth:`start` as ``on_start`` of ``WholeSlideInferer``: the TIFFs are written while the network runs (TIFF
-    encoding releases the GIL), and :meth:`result` waits for them and re-raises a writing error.
+    encoding releases the GIL), and :meth:`result` waits for them and re-raises a writing error. The first pyramid
+    written also fills :attr:`stats` (histogram and reduced mask) on the way.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, name: str, threshold: float = 0.5) -> None:
+    def __init__(self, output_dir: str | os.PathLike, name: str, threshold: float = 0.5,
+                 outputs: tuple[str, ...] = SLIDE_OUTPUTS, max_polygon_side: int = 8192) -> None:
         self.folder, self.name, self.cut = Path(output_dir) / name, name, int(np.rint(255 * threshold))
+        self.kinds = [kind for kind in ("prob", "mask") if kind in check_outputs(outputs)]
+        self.max_polygon_side = max_polygon_side
         self.pool = ThreadPoolExecutor(2, thread_name_prefix=f"pyramids-{name}")
         self.futures: dict[str, Future] = {}
+        self.stats: RasterStats | None = None
 
     def start(self, merger: StripMerger, mpp: float) -> None:
-        """Begin writing ``<name>_prob.tif`` and ``<name>_mask.tif`` (``mpp`` microns per pixel) as rows finish."""
+        """Begin writing ``<name>_prob.tif`` and/or ``<name>_mask.tif`` (``mpp`` um per pixel) as rows finish."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path, shape = merger.path, merger.shape_hw
-        self.futures = {
-            "prob": self.pool.submit(write_pyramid, self.folder / f"{self.name}_prob.tif",
-                                     RasterTiles(path, shape, merger=merger), shape, 1, mpp, downsample="mean"),
-            "mask": self.pool.submit(write_pyramid, self.folder / f"{self.name}_mask.tif",
-                                     RasterTiles(path, shape, self.cut, merger), shape, 1, mpp),
-        }
+        if self.kinds:
+            self.stats = RasterStats(shape, self.cut, self.max_polygon_side)
+        for kind in self.kinds:
+            stats = self.stats if kind == self.kinds[0] else None
+            tiles = RasterTiles(path, shape, None if kind == "prob" else self.cut, merger, stats)
+            self.futures[kind] = self.pool.submit(write_pyramid, self.folder / f"{self.name}_{kind}.tif", tiles, shape,
+                                                  1, mpp, downsample="mean" if kind == "prob" else None)
 
     def result(self) -> dict[str, Path]:
-        """The written pyramids (an empty dict if never started), once both are complete."""
+        """The written pyramids (an empty dict if none were started), once all are complete."""
         try:
             return {key: future.result() for key, future in self.futures.items()}
         finally:
             self.pool.shutdown()
-
-
-@dataclass
-class RasterStats:
-    """What one streaming pass over the raster gathers: value histogram and a reduced tumour mask."""
-
-    histogram: np.ndarray
-    mask: np.ndarray
-    factor: int
-
-
-def raster_stats(prediction: SlidePrediction, threshold: int, max_side: int) -> RasterStats:
-    """Histogram of the uint8 raster, and the tumour mask reduced by a power of two (majority vote) to ``max_side``."""
-    height, width = prediction.shape_hw
-    factor = 1
-    while max(height, width) > max_side * factor:
-        factor *= 2
-    histogram = np.zeros(256, np.int64)
-    mask = np.zeros((-(-height // factor), -(-width // factor)), bool)
-    band = factor * max(1, _TILE // factor)
-    for row in range(0, height, band):
-        values = read_raster_rows(prediction.raster, prediction.shape_hw, row, band)
-        histogram += np.bincount(values.ravel(), minlength=256)
-        tumour = values >= threshold
-        pad = ((0, -tumour.shape[0] % factor), (0, -tumour.shape[1] % factor))
-        blocks = np.pad(tumour, pad).reshape(-1, factor, mask.shape[1], factor)
-        mask[row // factor : row // factor + blocks.shape[0]] = blocks.mean(axis=(1, 3)) >= 0.5
-    return RasterStats(histogram, mask, factor)
 
 
 def top_k_mean(histogram: np.ndarray, k: int) -> float:
@@ -159,33 +194,43 @@ def write_slide_outputs(
     simplify_px: float = 1.0,
     top_k: int = 1000,
     max_polygon_side: int = 8192,
-    pyramids: dict[str, Path] | None = None,
+    pyramids: PyramidStreamer | None = None,
+    outputs: tuple[str, ...] = SLIDE_OUTPUTS,
 ) -> dict:
-    """Write every output file of one slide and return its summary (also written, last, as JSON).
+    """Write the requested ``outputs`` of one slide and return its summary (also written, last, as JSON).
 
-    ``pyramids`` are the probability and mask TIFFs already streamed by a :class:`PyramidStreamer`, if any.
+    ``pyramids`` is the :class:`PyramidStreamer` that wrote the TIFFs while the network ran, if any: waiting for it
+    counts as ``write`` time, and its statistics spare a second pass over the raster.
     """
     start = time.perf_counter()
+    outputs = check_outputs(outputs)
     folder = Path(output_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     level0_mpp = prediction.level0_mpp or ASSUMED_LEVEL0_MPP
     ds = prediction.downsample
     cut = int(np.rint(255 * threshold))
-    stats = raster_stats(prediction, cut, max_polygon_side)
     shape = prediction.shape_hw
-    files = dict(pyramids) if pyramids else {
-        "prob": write_pyramid(folder / f"{name}_prob.tif", RasterTiles(prediction.raster, shape), shape, 1,
-                              level0_mpp * ds, downsample="mean"),
-        "mask": write_pyramid(folder / f"{name}_mask.tif", RasterTiles(prediction.raster, shape, cut), shape, 1,
-                              level0_mpp * ds),
-    }
-    polygons = mask_polygons(stats.mask, ds * stats.factor, min_area_um2 / level0_mpp**2, simplify_px)
-    files["geojson"] = write_qupath_geojson(folder / f"{name}.geojson", polygons)
-    rings = [np.asarray(p.exterior.coords)[:-1] for p in polygons]
-    holes = [np.asarray(h.coords)[:-1] for p in polygons for h in p.interiors]
-    files["asap_xml"] = write_asap_xml(folder / f"{name}.xml", rings + holes, ["_0"] * len(rings) + ["_2"] * len(holes))
+    files: dict[str, Path] = pyramids.result() if pyramids is not None else {}
+    for kind in ("prob", "mask"):
+        if kind in outputs and kind not in files:
+            files[kind] = write_pyramid(folder / f"{name}_{kind}.tif", RasterTiles(prediction.raster, shape,
+                                        None if kind == "prob" else cut), shape, 1, level0_mpp * ds,
+                                        downsample="mean" if kind == "prob" else None)
+    streamed = pyramids.stats if pyramids is not None else None
+    usable = streamed is not None and streamed.complete and streamed.threshold == cut
+    stats = streamed if usable else raster_stats(prediction, cut, max_polygon_side)
+    polygons = None
+    if {"geojson", "asap_xml"} & set(outputs):
+        polygons = mask_polygons(stats.mask, ds * stats.factor, min_area_um2 / level0_mpp**2, simplify_px)
+    if "geojson" in outputs:
+        files["geojson"] = write_qupath_geojson(folder / f"{name}.geojson", polygons)
+    if "asap_xml" in outputs:
+        rings = [np.asarray(p.exterior.coords)[:-1] for p in polygons]
+        holes = [np.asarray(h.coords)[:-1] for p in polygons for h in p.interiors]
+        groups = ["_0"] * len(rings) + ["_2"] * len(holes)
+        files["asap_xml"] = write_asap_xml(folder / f"{name}.xml", rings + holes, groups)
     tissue = prediction.tissue
-    if tissue is not None and tissue.thumbnail is not None:
+    if "overlay" in outputs and tissue is not None and tissue.thumbnail is not None:
         files["overlay"] = folder / f"{name}_overlay.png"
         imsave(files["overlay"], _overlay(tissue.thumbnail, stats.mask), check_contrast=False)
     tumour_px = int(stats.histogram[cut:].sum())
@@ -213,7 +258,7 @@ def write_slide_outputs(
         "max_probability": float(np.flatnonzero(stats.histogram)[-1] / 255.0),
         "score": top_k_mean(stats.histogram, top_k),
         "score_definition": SCORE_DEFINITION.replace("top_k", str(top_k)),
-        "n_regions": len(polygons),
+        "n_regions": None if polygons is None else len(polygons),
         "polygon_downsample": ds * stats.factor,
         "timings_s": {k: round(v, 4) for k, v in prediction.timings.items()},
         "files": {k: Path(v).name for k, v in files.items()},

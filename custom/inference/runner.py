@@ -9,6 +9,7 @@ written last), records a slide that fails (file name and error) and goes on with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,14 @@ import torch
 
 from custom.data.datalist import load_slide_datalist
 from custom.data.slide import BACKENDS, open_slide
-from custom.inference.outputs import PyramidStreamer, summary_path, write_image_outputs, write_slide_outputs
+from custom.inference.outputs import (
+    SLIDE_OUTPUTS,
+    PyramidStreamer,
+    check_outputs,
+    summary_path,
+    write_image_outputs,
+    write_slide_outputs,
+)
 from custom.inference.plain_image import PlainImage
 from custom.inference.wsi import WholeSlideInferer
 
@@ -116,6 +124,7 @@ class SlideInferenceRunner:
         min_area_um2: tumour regions smaller than this are left out of the GeoJSON and XML.
         simplify_px: outline simplification tolerance in output-map pixels.
         top_k: pixels averaged into the slide score (see ``outputs.SCORE_DEFINITION``).
+        outputs: which slide files to write, from ``outputs.SLIDE_OUTPUTS`` (all by default); the summary always is.
         backends: slide reader backends, tried in order per file.
         overwrite: re-infer slides that already have a summary.
         raise_on_failure: after all slides, raise ``SlideInferenceError`` if any failed.
@@ -133,6 +142,7 @@ class SlideInferenceRunner:
         min_area_um2: float = 2_000.0,
         simplify_px: float = 1.0,
         top_k: int = 1000,
+        outputs: Sequence[str] = SLIDE_OUTPUTS,
         backends: Sequence[str] = BACKENDS,
         overwrite: bool = False,
         raise_on_failure: bool = True,
@@ -140,6 +150,7 @@ class SlideInferenceRunner:
         self.network, self.inferer, self.dataset = network, inferer, dataset
         self.output_dir, self.ckpt_path, self.preprocessing = Path(output_dir), ckpt_path, preprocessing
         self.threshold, self.min_area_um2, self.simplify_px, self.top_k = threshold, min_area_um2, simplify_px, top_k
+        self.outputs = check_outputs(outputs)
         self.backends, self.overwrite, self.raise_on_failure = tuple(backends), overwrite, raise_on_failure
 
     def infer_item(self, item: dict) -> dict:
@@ -152,14 +163,16 @@ class SlideInferenceRunner:
                 image = PlainImage.read(item["path"])
                 prediction = self.inferer(image, self.network, raster, self.preprocessing, plain_image=True)
                 return write_image_outputs(prediction, self.output_dir, item["name"], self.threshold, self.top_k)
-            streamer = PyramidStreamer(self.output_dir, item["name"], self.threshold)
+            streamer = PyramidStreamer(self.output_dir, item["name"], self.threshold, self.outputs)
             try:
                 with open_slide(item["path"], self.backends) as slide:
                     prediction = self.inferer(slide, self.network, raster, self.preprocessing, on_start=streamer.start)
-            finally:
-                pyramids = streamer.result()  # the threads read the raster: wait for them before it is removed
+            except BaseException:
+                with contextlib.suppress(Exception):  # the threads read the raster: stop them before it is removed
+                    streamer.result()
+                raise
             return write_slide_outputs(prediction, self.output_dir, item["name"], self.threshold, self.min_area_um2,
-                                       self.simplify_px, self.top_k, pyramids=pyramids)
+                                       self.simplify_px, self.top_k, pyramids=streamer, outputs=self.outputs)
         finally:
             raster.unlink(missing_ok=True)
 

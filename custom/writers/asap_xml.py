@@ -3,12 +3,14 @@
 Layout: ``ASAP_Annotations/Annotations/Annotation[@Name, @Type="Polygon", @PartOfGroup, @Color]/Coordinates/
 Coordinate[@Order, @X, @Y]`` and ``AnnotationGroups/Group[@Name]``. Groups ``_0`` and ``_1`` are tumour, ``_2`` is
 an exclusion region (as in Camelyon16). Coordinates are level-0 pixels in ``(x, y)`` order.
+
+The file is written as text line by line (every attribute value is generated here: numbers and the fixed group
+names), which is several times faster than building an ElementTree for slides with a hundred thousand vertices.
 """
 
 from __future__ import annotations
 
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,20 +46,19 @@ def write_asap_xml(
     groups = list(groups) if groups is not None else ["_0"] * len(polygons_xy)
     if len(groups) != len(polygons_xy):
         raise ValueError(f"{path}: {len(polygons_xy)} polygons but {len(groups)} groups")
-    root = ET.Element("ASAP_Annotations")
-    annotations = ET.SubElement(root, "Annotations")
+    lines = ['<?xml version="1.0" encoding="utf-8"?>', "<ASAP_Annotations>", "  <Annotations>"]
     for index, (polygon_xy, group) in enumerate(zip(polygons_xy, groups)):
         if group not in ASAP_GROUPS:
             raise ValueError(f"{path}: polygon {index} has group {group!r}, expected one of {sorted(ASAP_GROUPS)}")
         polygon = _check_polygon(polygon_xy, index, path)
-        attributes = {"Name": f"Annotation {index}", "Type": "Polygon", "PartOfGroup": group, "Color": "#F4FA58"}
-        coordinates = ET.SubElement(ET.SubElement(annotations, "Annotation", attributes), "Coordinates")
-        for order, (x, y) in enumerate(polygon):
-            ET.SubElement(coordinates, "Coordinate", {"Order": str(order), "X": f"{x:.3f}", "Y": f"{y:.3f}"})
-    annotation_groups = ET.SubElement(root, "AnnotationGroups")
+        lines.append(f'    <Annotation Name="Annotation {index}" Type="Polygon" PartOfGroup="{group}" Color="#F4FA58">')
+        lines.append("      <Coordinates>")
+        lines += [f'        <Coordinate Order="{order}" X="{x:.3f}" Y="{y:.3f}" />'
+                  for order, (x, y) in enumerate(polygon.tolist())]
+        lines += ["      </Coordinates>", "    </Annotation>"]
+    lines += ["  </Annotations>", "  <AnnotationGroups>"]
     for name, color in ASAP_GROUPS.items():
-        group_element = ET.SubElement(annotation_groups, "Group", {"Name": name, "PartOfGroup": "None", "Color": color})
-        ET.SubElement(group_element, "Attributes")
-    ET.indent(root)
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
+        lines += [f'    <Group Name="{name}" PartOfGroup="None" Color="{color}">', "      <Attributes />", "    </Group>"]
+    lines += ["  </AnnotationGroups>", "</ASAP_Annotations>", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
     return path
