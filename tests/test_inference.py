@@ -22,7 +22,7 @@ from custom.data.slide import open_slide
 from custom.data.synthetic import SyntheticSpec, generate_dataset
 from custom.data.tissue import detect_tissue
 from custom.inference import SlideInferenceError, SlideInferenceRunner, StripMerger, WholeSlideInferer
-from custom.inference.outputs import top_k_mean
+from custom.inference.outputs import RasterStats, top_k_mean
 from custom.networks import DWSMIL
 from custom.writers.pyramid_tiff import write_pyramid
 
@@ -214,8 +214,10 @@ def test_checkpoint_mismatch_names_config_keys(tmp_path, network):
     image = tmp_path / "in.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     runner = SlideInferenceRunner(network, WholeSlideInferer(), image, tmp_path / "out", ckpt_path=ckpt)
-    with pytest.raises(ValueError, match="'ckpt_path'.*'network_def'"):
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    with pytest.raises(ValueError, match="'ckpt_path'.*'network_def'.*size mismatch"):
         runner.run()
+    assert all(torch.equal(before[k], v) for k, v in network.state_dict().items())  # refused, not half loaded
     runner.ckpt_path = tmp_path / "absent.pt"
     with pytest.raises(FileNotFoundError, match="ckpt_path"):
         runner.run()
@@ -245,3 +247,53 @@ def test_top_k_mean_from_histogram():
     histogram = np.bincount(values, minlength=256)
     assert top_k_mean(histogram, 3) == pytest.approx((255 + 255 + 128) / 3 / 255)
     assert top_k_mean(histogram, 100) == pytest.approx(values.mean() / 255)
+
+
+def test_outputs_knob_writes_only_what_is_asked(run, network, tmp_path):
+    """GeoJSON alone equals the full run's GeoJSON; the map alone equals the full run's map; the rest is absent."""
+    slide = run["inputs"] / "slide_000.tif"
+    inferer = WholeSlideInferer(tile_size=TILE, overlap=OVERLAP, level=LEVEL, batch_size=4, num_workers=0,
+                                progress=False)
+    for outputs in (("geojson",), ("prob",)):
+        out = tmp_path / outputs[0]
+        SlideInferenceRunner(network, inferer, [slide], out, preprocessing=normalise, threshold=run["threshold"],
+                             min_area_um2=0.0, outputs=outputs).run()
+        written = sorted(p.name for p in (out / "slide_000").iterdir())
+        kept = {"geojson": "slide_000.geojson", "prob": "slide_000_prob.tif"}[outputs[0]]
+        assert written == sorted([kept, "slide_000_summary.json"])
+        s, full = summary(out, "slide_000"), summary(run["out"], "slide_000")
+        assert s["files"] == {outputs[0]: kept}
+        assert s["score"] == full["score"] and s["tumour_area_mm2"] == full["tumour_area_mm2"]
+        if outputs == ("geojson",):
+            assert s["n_regions"] == full["n_regions"]
+            assert (out / "slide_000" / kept).read_text() == (run["out"] / "slide_000" / kept).read_text()
+        else:
+            assert s["n_regions"] is None
+            np.testing.assert_array_equal(tifffile.imread(out / "slide_000" / kept),
+                                          tifffile.imread(run["out"] / "slide_000" / kept))
+
+
+def test_unknown_output_is_refused_before_work(tmp_path, network):
+    with pytest.raises(ValueError, match=r"\['pdf'\] \(config key 'outputs'\)"):
+        SlideInferenceRunner(network, WholeSlideInferer(), tmp_path, tmp_path / "out", outputs=("prob", "pdf"))
+
+
+def test_raster_stats_histogram_and_majority_mask():
+    """A 5x6 raster counted in two bands, reduced 2x2 (max side 3): a block is tumour when >= half its pixels are."""
+    values = np.zeros((5, 6), np.uint8)
+    values[0, 0] = values[1, 0] = 200  # 2 of 4 in block (0, 0): tumour
+    values[0, 2] = 255  # 1 of 4 in block (0, 1): not
+    values[4, 4] = 130  # 1 of 2 real pixels in the padded bottom block (2, 2): 1 of 4 with padding, not
+    values[2:4, 4:6] = 128  # block (1, 2) all at the threshold: tumour
+    stats = RasterStats(values.shape, threshold=128, max_side=3)
+    assert stats.factor == 2 and stats.mask.shape == (3, 3)
+    stats.add(0, values[:4])
+    assert not stats.complete
+    stats.add(4, values[4:])
+    assert stats.complete
+    expected = np.zeros((3, 3), bool)
+    expected[0, 0] = expected[1, 2] = True
+    np.testing.assert_array_equal(stats.mask, expected)
+    np.testing.assert_array_equal(stats.histogram, np.bincount(values.ravel(), minlength=256))
+    with pytest.raises(ValueError, match="in order"):
+        RasterStats(values.shape, 128, 3).add(2, values[2:])

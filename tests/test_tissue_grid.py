@@ -10,11 +10,12 @@ import pytest
 from PIL import Image
 from pyramid_files import write_pyramid
 from shapely.geometry import shape
+from skimage.color import rgb2hsv
 
 from custom.data import grid as grid_module
 from custom.data.grid import grid_for, load_grid_csv, make_tile_grid, save_grid_csv
 from custom.data.slide import open_slide
-from custom.data.tissue import TissueMask, detect_tissue, save_tissue_png, tissue_geojson
+from custom.data.tissue import TissueMask, detect_tissue, save_tissue_png, saturation_value, tissue_geojson
 
 GLASS, STAIN = (238, 236, 240), (190, 90, 150)
 
@@ -157,3 +158,14 @@ def test_grid_for_reuses_a_matching_csv_and_recomputes_otherwise(tmp_path, tissu
     changed = grid_for(tissue_slide, level=0, tile_size=128, min_tissue=0.9, cache_dir=tmp_path)
     assert calls == [1] and changed.min_tissue == 0.9
     assert load_grid_csv(next(tmp_path.glob("*.csv"))).min_tissue == 0.9
+
+
+def test_saturation_and_value_equal_skimage_hsv():
+    """The hue-free shortcut gives skimage's HSV saturation and value (black pixels included)."""
+    rgb = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rgb[0, 0], rgb[0, 1], rgb[0, 2] = 0, 255, (40, 40, 40)  # black, white, gray
+    saturation, value = saturation_value(rgb)
+    hsv = rgb2hsv(rgb)
+    np.testing.assert_allclose(saturation, hsv[..., 1], atol=1e-6)
+    np.testing.assert_allclose(value, hsv[..., 2], atol=1e-6)
+    assert saturation[0, 0] == saturation[0, 1] == saturation[0, 2] == 0.0

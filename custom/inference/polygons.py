@@ -68,7 +68,11 @@ def mask_polygons(
 
 
 def _simplify(polygon: Polygon, tolerance: float) -> Polygon:
-    """Douglas-Peucker (an order of magnitude faster than the topology-preserving variant on pixel staircases);
-    the rare result that is no longer valid (a hole pushed across its outline) is redone preserving topology."""
+    """Douglas-Peucker: an order of magnitude faster than the topology-preserving variant on pixel staircases.
+
+    GEOS repairs a Douglas-Peucker result that became invalid, e.g. by opening a hole near the outline into a notch;
+    a result whose topology changed (another type or number of holes) is redone preserving topology.
+    """
     simple = polygon.simplify(tolerance, preserve_topology=False)
-    return simple if simple.is_valid and not simple.is_empty else polygon.simplify(tolerance)
+    same = isinstance(simple, Polygon) and not simple.is_empty and len(simple.interiors) == len(polygon.interiors)
+    return simple if same and simple.is_valid else polygon.simplify(tolerance)

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -90,14 +90,29 @@ def load_checkpoint(network: torch.nn.Module, ckpt_path: str | os.PathLike | Non
             "or set ckpt_path to a state_dict of 'network_def'"
         )
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    try:
-        network.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
+    problem = _state_mismatch(network, state)
+    if problem:  # checked before loading: a refused checkpoint leaves the network as it was
         raise ValueError(
             f"checkpoint {ckpt_path} (config key 'ckpt_path') does not match the network built by 'network_def' "
-            f"(check e.g. 'network_width'): {str(err).splitlines()[0]}"
-        ) from err
+            f"(check e.g. 'network_width'): {problem}"
+        )
+    network.load_state_dict(state)
     return network
+
+
+def _state_mismatch(network: torch.nn.Module, state: object) -> str:
+    """Why ``state`` cannot be loaded into ``network`` (missing, unexpected or differently shaped keys), or ''."""
+    if not isinstance(state, Mapping):
+        return f"it holds a {type(state).__name__}, not a state_dict"
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch", shapes))
+             if keys]
+    return "; ".join(parts)
 
 
 def _check_writable(folder: Path) -> None:

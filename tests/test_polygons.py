@@ -1,0 +1,44 @@
+# Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
+"""Tumour outlines from masks: holes, level-0 scaling, small pieces, and a simplification that stays valid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from shapely.geometry import Polygon
+
+from custom.inference.polygons import _simplify, mask_polygons
+
+
+def test_square_with_hole_in_level0_pixels():
+    """A 6x6 square with a 2x2 hole, 4 level-0 px per mask px: area (36 - 4) x 16 within the half-pixel contour."""
+    mask = np.zeros((10, 10), bool)
+    mask[2:8, 2:8] = True
+    mask[4:6, 4:6] = False
+    (polygon,) = mask_polygons(mask, downsample=4.0, simplify_px=0.0)
+    assert len(polygon.interiors) == 1 and polygon.is_valid
+    # marching squares cuts every corner by a triangle of 1/8 px: the outline loses 4 of them, the hole too
+    assert polygon.area == pytest.approx(((36 - 4 * 0.125) - (4 - 4 * 0.125)) * 16)
+    minx, miny, maxx, maxy = polygon.bounds
+    assert (minx, miny, maxx, maxy) == (2 * 4.0, 2 * 4.0, 8 * 4.0, 8 * 4.0)  # pixel edges in level-0 (x, y)
+
+
+def test_small_pieces_and_holes_are_dropped():
+    mask = np.zeros((20, 20), bool)
+    mask[1:11, 1:11] = True
+    mask[5, 5] = False  # a one-pixel hole: filled
+    mask[15, 15] = True  # a one-pixel speck: dropped
+    polygons = mask_polygons(mask, downsample=1.0, min_area_px=4.0)
+    assert len(polygons) == 1 and not polygons[0].interiors
+
+
+def test_simplify_falls_back_when_douglas_peucker_breaks_the_polygon():
+    """Dropping the bump's apex cuts through the hole's tip (GEOS then opens the hole into a notch): the
+    topology-preserving result is used instead."""
+    outline = [(0, 0), (10, 0), (10, 10), (5, 11), (0, 10)]
+    hole = [(4, 8), (6, 8), (5, 10.8)]
+    polygon = Polygon(outline, [hole])
+    assert polygon.is_valid and not polygon.simplify(1.5, preserve_topology=False).interiors
+    simple = _simplify(polygon, 1.5)
+    assert simple.is_valid and len(simple.interiors) == 1
+    assert simple.area == pytest.approx(polygon.area, rel=0.01)
