@@ -14,6 +14,7 @@ level size is ``tile + k * (tile - overlap)`` so MONAI's zero padding and the pr
 
     python scripts/bench_infer.py                              # 20,736 px slide, inferred at level 2
     python scripts/bench_infer.py --memory_check               # also the 4x larger slide (2x2 mosaic), ours only
+    python scripts/bench_infer.py --ckpt bundle/models/model.pt --level 1   # a trained network (cpu.json, 1 um/px)
 
 The last line is ``speedup_vs_monai=<ratio>``: the faster MONAI variant's wall time over ours, same output file.
 """
@@ -92,11 +93,14 @@ def make_mosaic(source: Path, path: Path, tile: int = 256) -> Path:
     return path
 
 
-def _network(width: float, threads: int) -> torch.nn.Module:
-    """The benchmarked network: the same seed gives every method the same weights."""
+def _network(width: float, threads: int, ckpt: str | None = None) -> torch.nn.Module:
+    """The benchmarked network: the same seed (or checkpoint) gives every method the same weights."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    return DWSMIL(width=width).eval()
+    network = DWSMIL(width=width)
+    if ckpt:
+        network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    return network.eval()
 
 
 def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: float):
@@ -106,9 +110,10 @@ def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: flo
 
 
 def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, batch_size: int, num_workers: int,
-             width: float, threads: int, min_tissue: float, outputs: tuple[str, ...] = ("prob",)) -> dict:
+             width: float, threads: int, min_tissue: float, ckpt: str | None = None,
+             outputs: tuple[str, ...] = ("prob",)) -> dict:
     """This project's engine writing ``outputs`` (of ``SLIDE_OUTPUTS``); returns the stage timings."""
-    network = _network(width, threads)
+    network = _network(width, threads, ckpt)
     inferer = WholeSlideInferer(tile, overlap, level=level, batch_size=batch_size, num_workers=num_workers,
                                 min_tissue=min_tissue, blend_mode="constant", progress=False)
     start = time.perf_counter()
@@ -136,7 +141,7 @@ class _Timed(torch.nn.Module):
 
 
 def run_monai(slide_path: Path, out: Path, reader: str, level: int, tile: int, overlap: int, batch_size: int,
-              width: float, threads: int, min_tissue: float, ours_tif: str | None) -> dict:
+              width: float, threads: int, min_tissue: float, ckpt: str | None, ours_tif: str | None) -> dict:
     """MONAI's PatchInferer + WSISlidingWindowSplitter over the same tissue tiles, its map written as ours is."""
     from monai.inferers import AvgMerger, PatchInferer, WSISlidingWindowSplitter
 
@@ -149,7 +154,7 @@ def run_monai(slide_path: Path, out: Path, reader: str, level: int, tile: int, o
                                         reader=reader, level=level)
     inferer = PatchInferer(splitter, AvgMerger, batch_size=batch_size,
                            preprocessing=lambda x: normalise(x.float() / 255.0))
-    network = _Timed(_network(width, threads))
+    network = _Timed(_network(width, threads, ckpt))
     with torch.inference_mode():
         merged = inferer(str(slide_path), network)[0, 0].numpy()
     written = time.perf_counter()
@@ -180,10 +185,15 @@ def _child(method: str, **kwargs) -> dict:
 def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32, batch_size: int = 8,
           num_workers: int = 1, width: float = 0.25, threads: int = 2, min_tissue: float = 0.01,
           cache_dir: str = os.path.join(tempfile.gettempdir(), "wsl_bench"), memory_check: bool = False,
-          method: str | None = None, slide: str | None = None, ours_tif: str | None = None) -> None:
-    """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim) runs one method (internal use)."""
+          ckpt: str | None = None, method: str | None = None, slide: str | None = None,
+          ours_tif: str | None = None) -> None:
+    """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim) runs one method (internal use).
+
+    ``ckpt``: a state_dict of ``DWSMIL(width)`` (e.g. the README's trained ``bundle/models/model.pt``, with ``--level``
+    matching its training resolution) instead of random weights, for maps with real tumour regions to outline.
+    """
     common = {"level": level, "tile": tile, "overlap": overlap, "batch_size": batch_size, "width": width,
-              "threads": threads, "min_tissue": min_tissue}
+              "threads": threads, "min_tissue": min_tissue, "ckpt": ckpt}
     if method is not None:
         path = Path(slide)
         out = Path(cache_dir) / f"out_{path.stem}_{method}"
@@ -210,7 +220,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     tissue_mp = ours["n_tiles"] * (tile - overlap) ** 2 / 1e6  # tissue area the tiles stand for, level pixels
     print(f"slide {size} px, level {level} ({level_w}x{level_h}), {ours['n_tiles']} tissue tiles of {tile} "
           f"(overlap {overlap}), DWS-MIL width {width}, batch {batch_size}, {threads} torch threads, "
-          f"{num_workers} reader worker(s); device cpu")
+          f"{num_workers} reader worker(s); weights {ckpt or 'random (seed 0)'}; device cpu")
     print("Every row ends with the probability map as the same LZW pyramidal TIFF on disk.\n"
           "ours: BatchNorm folded into the convs (torch.fx) + channels-last, inference_mode, tiles read in a worker "
           "process, the pyramid written by a background thread as rows finish; 'write' is what is left after the "

@@ -42,3 +42,26 @@ def test_simplify_falls_back_when_douglas_peucker_breaks_the_polygon():
     simple = _simplify(polygon, 1.5)
     assert simple.is_valid and len(simple.interiors) == 1
     assert simple.area == pytest.approx(polygon.area, rel=0.01)
+
+
+def test_position_on_a_large_map_only_shifts_the_polygons():
+    """The same blob alone, and at (row 300, col 500) of a 1000x2000 map: the polygons differ by that offset x ds."""
+    blob = np.zeros((40, 50), bool)
+    blob[5:30, 8:45] = True
+    blob[12:20, 20:30] = False  # a hole
+    blob[0:3, 0:3] = True  # a speck touching the border, dropped
+    alone = mask_polygons(blob, downsample=2.0, min_area_px=40.0)
+    large = np.zeros((1000, 2000), bool)
+    large[300:340, 500:550] = blob
+    placed = mask_polygons(large, downsample=2.0, min_area_px=40.0)
+    assert len(alone) == len(placed) == 1 and len(alone[0].interiors) == 1
+    shifted = np.asarray(alone[0].exterior.coords) + [500 * 2.0, 300 * 2.0]
+    np.testing.assert_allclose(np.asarray(placed[0].exterior.coords), shifted)
+
+
+def test_background_at_the_border_is_outside_not_a_hole():
+    """A 1-pixel notch of background on the map's edge stays open even though it is smaller than the minimum."""
+    mask = np.ones((10, 10), bool)
+    mask[0, 5] = False
+    (polygon,) = mask_polygons(mask, downsample=1.0, min_area_px=4.0, simplify_px=0.0)
+    assert not polygon.interiors and not polygon.contains(Polygon([(5.2, 0), (5.8, 0), (5.5, 0.4)]))

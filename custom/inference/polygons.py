@@ -13,11 +13,11 @@ its centre lies at level-0 ``((col + 0.5) * downsample, (row + 0.5) * downsample
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 from shapely import STRtree
 from shapely.affinity import affine_transform
 from shapely.geometry import LinearRing, Polygon
 from skimage.measure import find_contours
-from skimage.morphology import remove_small_holes, remove_small_objects
 
 __all__ = ["mask_polygons"]
 
@@ -35,10 +35,29 @@ def _rings(mask: np.ndarray, min_area: float) -> tuple[list[Polygon], list[Polyg
     return outlines, holes
 
 
+def _clean(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """Drop tumour pieces and fill holes smaller than ``min_pixels`` (4-connected, as skimage's ``remove_small_*``).
+
+    Background touching the array border is never a hole: it is the outside, whatever its size in this array.
+    """
+    labels, _ = ndimage.label(mask)
+    keep = np.bincount(labels.ravel()) >= min_pixels
+    keep[0] = False
+    mask = keep[labels]
+    labels, _ = ndimage.label(~mask)
+    fill = np.bincount(labels.ravel()) < min_pixels
+    fill[0] = False
+    fill[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
+    return mask | fill[labels]
+
+
 def mask_polygons(
     mask: np.ndarray, downsample: float, min_area_px: float = 0.0, simplify_px: float = 1.0
 ) -> list[Polygon]:
     """Polygons (exterior + interior rings) of a boolean mask in level-0 pixels, largest first.
+
+    Only the bounding box of the tumour pixels (plus a one-pixel margin of background) is cleaned and contoured, so
+    a small tumour on a large map costs little.
 
     Args:
         mask: ``(rows, cols)`` boolean mask.
@@ -48,8 +67,13 @@ def mask_polygons(
     """
     min_pixels = min_area_px / downsample**2
     mask = np.asarray(mask, bool)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return []
+    top, left = max(rows[0] - 1, 0), max(cols[0] - 1, 0)
+    mask = mask[top : rows[-1] + 2, left : cols[-1] + 2]
     if min_pixels >= 1:  # cheap on pixels, and spares contouring thousands of specks
-        mask = remove_small_holes(remove_small_objects(mask, max_size=int(min_pixels)), max_size=int(min_pixels))
+        mask = _clean(mask, min_pixels)
     outlines, holes = _rings(mask, min_pixels)
     if not outlines:
         return []
@@ -59,10 +83,10 @@ def mask_polygons(
         inside = tree.query(hole.representative_point(), predicate="within")
         if len(inside):
             owned[min(inside, key=lambda i: outlines[i].area)].append(hole.exterior)
+    to_level0 = [downsample, 0, 0, downsample, (left + 0.5) * downsample, (top + 0.5) * downsample]
     polygons = []
     for outline, its_holes in zip(outlines, owned):
-        polygon = _simplify(Polygon(outline.exterior, its_holes).buffer(0), simplify_px)
-        polygon = affine_transform(polygon, [downsample, 0, 0, downsample, 0.5 * downsample, 0.5 * downsample])
+        polygon = affine_transform(_simplify(Polygon(outline.exterior, its_holes).buffer(0), simplify_px), to_level0)
         polygons += [g for g in getattr(polygon, "geoms", [polygon]) if isinstance(g, Polygon) and not g.is_empty]
     return sorted(polygons, key=lambda p: -p.area)
 
