@@ -25,10 +25,11 @@ from shapely.geometry import Polygon, mapping
 from skimage.filters import threshold_otsu
 from skimage.io import imsave
 from skimage.measure import find_contours
-from skimage.morphology import closing, disk, remove_small_holes, remove_small_objects
+from skimage.morphology import closing, disk
 from skimage.segmentation import find_boundaries
 from skimage.transform import downscale_local_mean
 
+from custom.data.morphology import drop_small_pieces, fill_small_holes
 from custom.data.slide import Slide
 
 __all__ = ["TissueMask", "detect_tissue", "save_tissue_png", "tissue_geojson", "save_tissue_geojson"]
@@ -65,8 +66,10 @@ class TissueMask:
         c1 = np.maximum(np.ceil((x + width) / ds).astype(np.int64), c0 + 1)
         r1 = np.maximum(np.ceil((y + height) / ds).astype(np.int64), r0 + 1)
         rows, cols = self.mask.shape
-        table = np.zeros((rows + 1, cols + 1), dtype=np.int64)
-        table[1:, 1:] = self.mask.cumsum(0).cumsum(1)
+        dtype = np.int32 if rows * cols < 2**31 else np.int64  # half the memory of the table on any real slide
+        table = np.zeros((rows + 1, cols + 1), dtype=dtype)
+        np.cumsum(self.mask, axis=0, dtype=dtype, out=table[1:, 1:])
+        np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
         cr0, cr1 = np.clip(r0, 0, rows), np.clip(r1, 0, rows)
         cc0, cc1 = np.clip(c0, 0, cols), np.clip(c1, 0, cols)
         inside = table[cr1, cc1] - table[cr0, cc1] - table[cr1, cc0] + table[cr0, cc0]
@@ -101,10 +104,10 @@ def _working_resolution(slide: Slide, mpp: float, level: int | None, level0_mpp:
 
 def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV saturation and value of a uint8 RGB image in [0, 1] (float32), without computing the hue nobody uses."""
-    high = rgb.max(axis=-1).astype(np.float32)
-    low = rgb.min(axis=-1).astype(np.float32)
-    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
-    return saturation, high / 255.0
+    high = rgb.max(axis=-1)
+    saturation = np.subtract(high, rgb.min(axis=-1), dtype=np.float32)  # no float copy of the RGB planes
+    np.divide(saturation, high, out=saturation, where=high > 0)
+    return saturation, np.divide(high, 255.0, dtype=np.float32)
 
 
 def _saturation_threshold(saturation: np.ndarray, min_saturation: float) -> float:
@@ -151,11 +154,14 @@ def detect_tissue(
     downsample = slide.level_downsamples[read_level] * factor
     saturation, value = saturation_value(thumbnail)
     usable = value >= dark_value
+    del value  # the float planes are the peak memory of a large slide's tissue mask: free each once used
     used = _saturation_threshold(saturation[usable], min_saturation) if threshold is None else float(threshold)
     pixel_um2 = (level0_mpp * downsample) ** 2
-    mask = closing((saturation > used) & usable, disk(2))
-    mask = remove_small_holes(mask, max_size=int(max_hole_um2 / pixel_um2))
-    mask = remove_small_objects(mask, max_size=int(min_area_um2 / pixel_um2))
+    tissue = (saturation > used) & usable
+    del saturation, usable
+    mask = closing(tissue, disk(2))
+    mask = fill_small_holes(mask, int(max_hole_um2 / pixel_um2))
+    mask = drop_small_pieces(mask, int(min_area_um2 / pixel_um2))
     if not mask.any():
         warnings.warn(f"no tissue found in {slide.path} (saturation threshold {used:.3f})", stacklevel=2)
     return TissueMask(mask=mask, downsample=downsample, threshold=used, thumbnail=thumbnail)

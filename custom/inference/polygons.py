@@ -13,11 +13,12 @@ its centre lies at level-0 ``((col + 0.5) * downsample, (row + 0.5) * downsample
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from shapely import STRtree
 from shapely.affinity import affine_transform
 from shapely.geometry import LinearRing, Polygon
 from skimage.measure import find_contours
+
+from custom.data.morphology import drop_small_pieces, fill_small_holes
 
 __all__ = ["mask_polygons"]
 
@@ -33,22 +34,6 @@ def _rings(mask: np.ndarray, min_area: float) -> tuple[list[Polygon], list[Polyg
         if polygon.area >= max(min_area, 1e-9):
             (outlines if ring.is_ccw else holes).append(polygon)
     return outlines, holes
-
-
-def _clean(mask: np.ndarray, min_pixels: float) -> np.ndarray:
-    """Drop tumour pieces and fill holes smaller than ``min_pixels`` (4-connected, as skimage's ``remove_small_*``).
-
-    Background touching the array border is never a hole: it is the outside, whatever its size in this array.
-    """
-    labels, _ = ndimage.label(mask)
-    keep = np.bincount(labels.ravel()) >= min_pixels
-    keep[0] = False
-    mask = keep[labels]
-    labels, _ = ndimage.label(~mask)
-    fill = np.bincount(labels.ravel()) < min_pixels
-    fill[0] = False
-    fill[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
-    return mask | fill[labels]
 
 
 def mask_polygons(
@@ -73,7 +58,7 @@ def mask_polygons(
     top, left = max(rows[0] - 1, 0), max(cols[0] - 1, 0)
     mask = mask[top : rows[-1] + 2, left : cols[-1] + 2]
     if min_pixels >= 1:  # cheap on pixels, and spares contouring thousands of specks
-        mask = _clean(mask, min_pixels)
+        mask = fill_small_holes(drop_small_pieces(mask, min_pixels), min_pixels, fill_border=False)
     outlines, holes = _rings(mask, min_pixels)
     if not outlines:
         return []
