@@ -297,3 +297,24 @@ def test_raster_stats_histogram_and_majority_mask():
     np.testing.assert_array_equal(stats.histogram, np.bincount(values.ravel(), minlength=256))
     with pytest.raises(ValueError, match="in order"):
         RasterStats(values.shape, 128, 3).add(2, values[2:])
+
+
+def test_strip_merger_equals_in_memory_blending(tmp_path):
+    """Random tiles at row steps of 1, 3 and 8 (band shifts of every size): the raster is the full-size weighted mean."""
+    rng = np.random.default_rng(1)
+    weights = rng.uniform(0.1, 1.0, (8, 8)).astype(np.float32)
+    shape = (30, 21)
+    merger = StripMerger(tmp_path / "m.raw", shape, weights)
+    total, weight_total = np.zeros(shape), np.zeros(shape)
+    for row in (0, 1, 4, 12, 13, 20, 27):
+        for col in (0, 5, 16):
+            tile = rng.random((8, 8)).astype(np.float32)
+            merger.add(row, col, tile)
+            h, w = min(8, shape[0] - row), min(8, shape[1] - col)
+            total[row:row + h, col:col + w] += tile[:h, :w] * weights[:h, :w]
+            weight_total[row:row + h, col:col + w] += weights[:h, :w]
+    merger.close()
+    expected = np.divide(total, weight_total, out=np.zeros(shape), where=weight_total > 0)
+    raster = np.fromfile(tmp_path / "m.raw", np.uint8).reshape(shape)
+    np.testing.assert_allclose(raster, np.rint(expected * 255), atol=1)
+    assert (raster[weight_total == 0] == 0).all()

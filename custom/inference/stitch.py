@@ -70,8 +70,11 @@ class StripMerger:
         if done <= 0:
             return
         self._write_rows(done)
-        self.sum[:-done], self.weight_sum[:-done] = self.sum[done:].copy(), self.weight_sum[done:].copy()
-        self.sum[-done:], self.weight_sum[-done:] = 0.0, 0.0
+        for band in (self.sum, self.weight_sum):  # shift up in non-overlapping chunks: no band-sized temporaries
+            for start in range(0, band.shape[0] - done, done):
+                stop = min(start + done, band.shape[0] - done)
+                band[start:stop] = band[start + done : stop + done]
+            band[-done:] = 0.0
         self.top = row
 
     def _write_rows(self, count: int) -> None:
@@ -79,9 +82,11 @@ class StripMerger:
         count = min(count, self.shape_hw[0] - self.top)
         if count <= 0:
             return
-        weight = self.weight_sum[:count]
-        probability = np.divide(self.sum[:count], weight, out=np.zeros_like(weight), where=weight > 0)
-        values = np.rint(np.clip(probability, 0.0, 1.0) * 255.0).astype(np.uint8)
+        probability = self.sum[:count]  # normalised in place: these rows are overwritten once written
+        np.divide(probability, self.weight_sum[:count], out=probability, where=self.weight_sum[:count] > 0)
+        np.clip(probability, 0.0, 1.0, out=probability)
+        probability *= 255.0
+        values = np.rint(probability, out=probability).astype(np.uint8)
         os.pwrite(self.file.fileno(), values.tobytes(), self.top * self.shape_hw[1])
         self._publish(self.top + count)
 
