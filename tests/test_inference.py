@@ -285,16 +285,17 @@ def test_raster_stats_histogram_and_majority_mask():
     values[0, 2] = 255  # 1 of 4 in block (0, 1): not
     values[4, 4] = 130  # 1 of 2 real pixels in the padded bottom block (2, 2): 1 of 4 with padding, not
     values[2:4, 4:6] = 128  # block (1, 2) all at the threshold: tumour
-    stats = RasterStats(values.shape, threshold=128, max_side=3)
-    assert stats.factor == 2 and stats.mask.shape == (3, 3)
-    stats.add(0, values[:4])
-    assert not stats.complete
-    stats.add(4, values[4:])
-    assert stats.complete
     expected = np.zeros((3, 3), bool)
     expected[0, 0] = expected[1, 2] = True
-    np.testing.assert_array_equal(stats.mask, expected)
-    np.testing.assert_array_equal(stats.histogram, np.bincount(values.ravel(), minlength=256))
+    for bands in ([0, 4, 5], [0, 1, 4, 5], [0, 3, 5]):  # bands split inside blocks too
+        stats = RasterStats(values.shape, threshold=128, max_side=3)
+        assert stats.factor == 2 and stats.mask.shape == (3, 3)
+        for start, stop in zip(bands, bands[1:]):
+            assert not stats.complete
+            stats.add(start, values[start:stop])
+        assert stats.complete
+        np.testing.assert_array_equal(stats.mask, expected)
+        np.testing.assert_array_equal(stats.histogram, np.bincount(values.ravel(), minlength=256))
     with pytest.raises(ValueError, match="in order"):
         RasterStats(values.shape, 128, 3).add(2, values[2:])
 

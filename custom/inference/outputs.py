@@ -70,32 +70,38 @@ class RasterStats:
     """What one pass over the raster's rows gathers: the value histogram and a reduced tumour mask.
 
     The mask is the raster thresholded and shrunk by ``factor`` (a power of two, majority vote per block) so that
-    its longer side is at most ``max_side``; it feeds the polygons and the overlay. Rows must arrive top to bottom
-    in bands whose height is a multiple of ``factor`` (except the last).
+    its longer side is at most ``max_side``; it feeds the polygons and the overlay. Rows must arrive top to bottom,
+    in bands of any height (rows short of a whole block wait for the next band).
     """
 
     def __init__(self, shape_hw: tuple[int, int], threshold: int, max_side: int) -> None:
-        height, width = shape_hw
+        self.height, width = shape_hw
         self.factor, self.threshold, self.rows = 1, threshold, 0
-        while max(height, width) > max_side * self.factor:
+        while max(self.height, width) > max_side * self.factor:
             self.factor *= 2
         self.histogram = np.zeros(256, np.int64)
-        self.mask = np.zeros((-(-height // self.factor), -(-width // self.factor)), bool)
-        self.complete = height == 0
+        self.mask = np.zeros((-(-self.height // self.factor), -(-width // self.factor)), bool)
+        self.pending = np.zeros((0, width), np.uint8)  # rows of an unfinished block
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row of the raster has been counted."""
+        return self.rows >= self.height
 
     def add(self, row: int, values: np.ndarray) -> None:
         """Count the ``(rows, width)`` uint8 band starting at raster row ``row``."""
-        if row != self.rows or row % self.factor:
-            raise ValueError(f"raster rows must arrive in order in bands of {self.factor}: expected {self.rows}, "
-                             f"got {row}")
+        if row != self.rows:
+            raise ValueError(f"raster rows must arrive in order: expected row {self.rows}, got {row}")
         self.histogram += np.bincount(values.ravel(), minlength=256)
-        tumour = values >= self.threshold
+        self.rows = row + values.shape[0]
+        values = np.concatenate([self.pending, values]) if len(self.pending) else values
+        top = (self.rows - values.shape[0]) // self.factor
+        whole = values.shape[0] if self.complete else values.shape[0] // self.factor * self.factor
+        self.pending = values[whole:]
+        tumour = values[:whole] >= self.threshold
         pad = ((0, -tumour.shape[0] % self.factor), (0, -tumour.shape[1] % self.factor))
         blocks = np.pad(tumour, pad).reshape(-1, self.factor, self.mask.shape[1], self.factor)
-        top = row // self.factor
         self.mask[top : top + blocks.shape[0]] = blocks.mean(axis=(1, 3)) >= 0.5
-        self.rows = row + values.shape[0]
-        self.complete = top + blocks.shape[0] >= self.mask.shape[0]
 
 
 def raster_stats(prediction: SlidePrediction, threshold: int, max_side: int) -> RasterStats:
