@@ -156,6 +156,14 @@ def test_bad_inputs_are_named(tmp_path):
     datalist = write_datalist(tmp_path / "slides.csv", [{"slide": "a.tif", "label": 1, "mask": "small.tif"}])
     with pytest.raises(ValueError, match="small.tif.*geometry"):
         SlideEvaluator(datalist, tmp_path / "out").run()
+    summary_file = tmp_path / "out" / "a" / "a_summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["files"] = {"prob": "a_prob.tif"}  # inference run with outputs ['prob']
+    summary_file.write_text(json.dumps(summary))
+    write_pyramid(tmp_path / "truth.tif", lambda r, c, h, w: np.zeros((h, w), np.uint8), (256, 256), 1, MPP)
+    datalist = write_datalist(tmp_path / "slides.csv", [{"slide": "a.tif", "label": 1, "mask": "truth.tif"}])
+    with pytest.raises(ValueError, match="a.tif: inference wrote no mask TIFF \\(config key 'outputs'\\)"):
+        SlideEvaluator(datalist, tmp_path / "out").run()
 
 
 def test_bundle_config_builds_the_evaluator(tmp_path):

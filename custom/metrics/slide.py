@@ -229,6 +229,10 @@ class SlideEvaluator:
         truth = truth_reader(item, ds, shape_hw, tuple(summary["level0_size_wh"]))
         if truth is None:
             return row | {"dice": None, "iou": None}, None
+        missing = [kind for kind in ("mask", "prob") if kind not in summary["files"]]
+        if missing:
+            raise ValueError(f"{item['slide']}: inference wrote no {' / '.join(missing)} TIFF (config key 'outputs'); "
+                             "rerun inference.json with 'prob' and 'mask' in outputs and overwrite true")
         factor = 2 ** max(0, int(math.floor(math.log2(self.froc_mpp / output_mpp))))
         folder = self.inference_dir / item["name"]
         overlap = evaluate_slide(folder / summary["files"]["mask"], folder / summary["files"]["prob"], truth, factor,
