@@ -16,23 +16,13 @@ import torch
 from custom.data.synthetic import SyntheticSpec, generate_dataset
 from custom.engines.distributed import state_digest
 from custom.networks import DWSMIL
+from test_bundle_training import TINY as SINGLE_PROCESS_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"
 # tests/test_bundle_training.py's tiny run, with a swap at every stage-2 epoch and no random augmentation, so that
 # 1 and 2 processes see the same global batches: 12 training images (val_fraction 0.25 of 16) split 8 + 4
-TINY = {
-    "network_width": 0.125,
-    "image_size": 64,
-    "num_workers": 0,
-    "stage1_epochs": 2,
-    "stage2_epochs": 2,
-    "swap_warmup": 1,
-    "swap_interval": 1,
-    "swap_policy": "periodic",
-    "distill_augment": False,
-    "val_fraction": 0.25,
-}
+TINY = {**SINGLE_PROCESS_TINY, "swap_policy": "periodic", "distill_augment": False, "val_fraction": 0.25}
 GLOBAL_BATCH = 8
 # measured: identical stage-1 test metrics, distilled F1 0.650 (1 process) vs 0.658 (2); float summation order and
 # Adam's normalisation of tiny gradients are the only differences

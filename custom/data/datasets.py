@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,27 +233,20 @@ def slide_tile_datalist(
 class SlideTileDataset(Dataset):
     """Tiles over the tissue of whole slides, each labelled with its slide's label, read lazily per worker.
 
-    ``data`` is a slide list (``load_slide_datalist``); tiling follows ``slide_tile_datalist``. ``transform`` runs
-    after ``LoadTiled``. ``self.data`` holds the tile items, in slide order.
+    ``data`` is a slide list (``load_slide_datalist``); ``tiling`` are the keyword arguments of
+    ``slide_tile_datalist`` (``level``/``mpp``, ``tile_size``, ``overlap``, ``min_tissue``, ``grid_dir``,
+    ``mpp_tolerance``, ``tissue_kwargs``). ``transform`` runs after ``LoadTiled``. ``self.data`` holds the tile
+    items, in slide order.
     """
 
     def __init__(
         self,
         data: Sequence[dict],
-        level: int | None = None,
-        mpp: float | None = None,
-        tile_size: int = 256,
-        overlap: int = 0,
-        min_tissue: float = 0.25,
-        grid_dir: str | None = None,
         transform: Callable | Sequence[Callable] | None = None,
         backends: Sequence[str] = BACKENDS,
-        mpp_tolerance: float = 0.1,
-        tissue_kwargs: dict | None = None,
+        **tiling: Any,
     ) -> None:
-        tiles = slide_tile_datalist(
-            data, level, mpp, tile_size, overlap, min_tissue, grid_dir, backends, mpp_tolerance, tissue_kwargs
-        )
+        tiles = slide_tile_datalist(data, backends=backends, **tiling)
         extra = ensure_tuple(transform) if transform is not None else ()
         super().__init__(tiles, transform=Compose([LoadTiled("slide", backends), *extra]).flatten())
 

@@ -156,13 +156,16 @@ class PyramidStreamer:
 
     def start(self, merger: StripMerger, mpp: float) -> None:
         """Begin writing ``<name>_prob.tif`` and/or ``<name>_mask.tif`` (``mpp`` um per pixel) as rows finish."""
+        self.write(merger.path, merger.shape_hw, mpp, merger)
+
+    def write(self, raster: Path, shape: tuple[int, int], mpp: float, merger: StripMerger | None = None) -> None:
+        """Begin writing the pyramids of ``raster``: a finished one, or one that ``merger`` is still blending."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path, shape = merger.path, merger.shape_hw
         if self.kinds:
             self.stats = RasterStats(shape, self.cut, self.max_polygon_side)
         for kind in self.kinds:
             stats = self.stats if kind == self.kinds[0] else None
-            tiles = RasterTiles(path, shape, None if kind == "prob" else self.cut, merger, stats)
+            tiles = RasterTiles(raster, shape, None if kind == "prob" else self.cut, merger, stats)
             self.futures[kind] = self.pool.submit(write_pyramid, self.folder / f"{self.name}_{kind}.tif", tiles, shape,
                                                   1, mpp, downsample="mean" if kind == "prob" else None)
 
@@ -205,8 +208,9 @@ def write_slide_outputs(
 ) -> dict:
     """Write the requested ``outputs`` of one slide and return its summary (also written, last, as JSON).
 
-    ``pyramids`` is the :class:`PyramidStreamer` that wrote the TIFFs while the network ran, if any: waiting for it
-    counts as ``write`` time, and its statistics spare a second pass over the raster.
+    ``pyramids`` is the :class:`PyramidStreamer` that wrote the TIFFs while the network ran (made with the same
+    ``threshold``, ``outputs`` and ``max_polygon_side``); without one they are written here. Waiting for them counts as
+    ``write`` time, and their statistics spare a second pass over the raster.
     """
     start = time.perf_counter()
     outputs = check_outputs(outputs)
@@ -216,15 +220,13 @@ def write_slide_outputs(
     ds = prediction.downsample
     cut = int(np.rint(255 * threshold))
     shape = prediction.shape_hw
-    files: dict[str, Path] = pyramids.result() if pyramids is not None else {}
-    for kind in ("prob", "mask"):
-        if kind in outputs and kind not in files:
-            files[kind] = write_pyramid(folder / f"{name}_{kind}.tif", RasterTiles(prediction.raster, shape,
-                                        None if kind == "prob" else cut), shape, 1, level0_mpp * ds,
-                                        downsample="mean" if kind == "prob" else None)
-    streamed = pyramids.stats if pyramids is not None else None
-    usable = streamed is not None and streamed.complete and streamed.threshold == cut
-    stats = streamed if usable else raster_stats(prediction, cut, max_polygon_side)
+    if pyramids is None:
+        pyramids = PyramidStreamer(output_dir, name, threshold, outputs, max_polygon_side)
+        pyramids.write(prediction.raster, shape, level0_mpp * ds)
+    files: dict[str, Path] = pyramids.result()
+    if pyramids.cut != cut:
+        raise ValueError(f"{name}: the pyramids were thresholded at {pyramids.cut}/255, the outputs at {cut}/255")
+    stats = pyramids.stats if pyramids.stats is not None else raster_stats(prediction, cut, max_polygon_side)
     polygons = None
     if {"geojson", "asap_xml"} & set(outputs):
         polygons = mask_polygons(stats.mask, ds * stats.factor, min_area_um2 / level0_mpp**2, simplify_px)
