@@ -8,12 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from monai.data.wsi_reader import CuCIMWSIReader
 from pyramid_files import pattern, write_pyramid
 from torch.utils.data import DataLoader, Dataset
 
-from custom.data.slide import BACKENDS, SlideReadError, open_slide, select_level
+from custom.data.slide import BACKENDS, SlideReadError, _read_tiff_region, open_slide, select_level
+from custom.metrics.slide import LabelTiff
 
 IMAGE = pattern()
 
@@ -154,3 +156,22 @@ def test_dataloader_with_two_workers_reads_tiles(lossless):
     tiles = torch.cat(list(loader)).numpy()
     expected = np.stack([IMAGE[y : y + 64, x : x + 64] for x, y in locations])
     np.testing.assert_array_equal(tiles, expected)
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_strip_tiff_regions_decode_only_their_strips(tmp_path, compression, monkeypatch):
+    """A TIFF stored in strips (RGB and a one-channel label mask) reads back any box, edges included, without
+    decoding the whole page."""
+    rng = np.random.default_rng(0)
+    rgb, labels = rng.integers(0, 256, (700, 515, 3), np.uint8), rng.integers(0, 3, (700, 515), np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, rowsperstrip=64, compression=compression)
+    tifffile.imwrite(tmp_path / "labels.tif", labels, rowsperstrip=37, compression=compression)
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("whole page decoded"))
+    with tifffile.TiffFile(tmp_path / "rgb.tif") as tif:
+        for row, col, height, width in ((0, 0, 256, 256), (650, 400, 50, 115), (100, 13, 500, 500)):
+            np.testing.assert_array_equal(_read_tiff_region(tif.pages[0], row, col, height, width),
+                                          rgb[row:row + height, col:col + width])
+    mask = LabelTiff(tmp_path / "labels.tif")
+    np.testing.assert_array_equal(mask.rows(680, 256), labels[680:])  # the last band comes back shorter
+    np.testing.assert_array_equal(mask.rows(37, 74), labels[37:111])
+    mask.close()

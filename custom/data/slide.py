@@ -139,12 +139,19 @@ class Slide:
 
 
 def _read_tiff_region(page: Any, row0: int, col0: int, height: int, width: int) -> np.ndarray:
-    """Decode only the TIFF tiles that overlap a ``(row, col)`` box of one tifffile page (no zarr needed)."""
-    if not page.is_tiled:
-        return np.ascontiguousarray(page.asarray()[row0 : row0 + height, col0 : col0 + width, :3])
+    """Decode only the TIFF tiles (or strips) that overlap a ``(row, col)`` box of one tifffile page (no zarr needed).
+
+    A strip is a segment one image wide; the box is clipped to the image, so a band past the bottom comes back shorter.
+    """
     if page.dtype != np.uint8:
         raise ValueError(f"only 8-bit slides are supported, this page holds {page.dtype}")
-    tile_h, tile_w = page.tilelength, page.tilewidth
+    if page.planarconfig != 1:  # separate colour planes: segments are per channel, decode the page as a whole
+        return np.ascontiguousarray(page.asarray()[row0 : row0 + height, col0 : col0 + width, :3])
+    height, width = min(height, page.imagelength - row0), min(width, page.imagewidth - col0)
+    if page.is_tiled:
+        tile_h, tile_w = page.tilelength, page.tilewidth
+    else:
+        tile_h, tile_w = min(page.rowsperstrip, page.imagelength), page.imagewidth
     tiles_across = -(-page.imagewidth // tile_w)
     tile_rows = range(row0 // tile_h, (row0 + height - 1) // tile_h + 1)
     tile_cols = range(col0 // tile_w, (col0 + width - 1) // tile_w + 1)

@@ -55,8 +55,7 @@ BandReader = Callable[[int, int], np.ndarray]
 class LabelTiff:
     """A one-channel (pyramidal) TIFF read band by band: masks and probability maps, ground truth or predicted.
 
-    ``custom.data.Slide`` reads RGB only; this decodes just the tiles a band touches (a stripped, untiled TIFF is
-    decoded whole, level by level, as its format allows nothing else).
+    ``custom.data.Slide`` reads RGB only; this decodes just the tiles (or strips) a band touches.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -71,8 +70,6 @@ class LabelTiff:
     def rows(self, row: int, height: int, level: int = 0) -> np.ndarray:
         """Rows ``[row, row + height)`` of ``level``, full width, as ``(height, width)`` uint8."""
         page = self.pages[level]
-        if not page.is_tiled:
-            return page.asarray()[row : row + height]
         return _read_tiff_region(page, row, 0, height, page.imagewidth)[..., 0]
 
     def sampled_rows(self, ds: float, row: int, height: int, width: int) -> np.ndarray:
