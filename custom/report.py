@@ -223,8 +223,9 @@ def _overlays(
 
     ``dataset`` gives the network inputs (preprocessed as in evaluation), ``display`` the same items in [0, 1].
     """
-    positives = [i for i, item in enumerate(display) if int(item["label"]) == 1]
-    negatives = [i for i, item in enumerate(display) if int(item["label"]) == 0]
+    labels = [int(item["label"]) for item in getattr(display, "data", display)]  # datalist labels: no image loaded
+    positives = [i for i, label in enumerate(labels) if label == 1]
+    negatives = [i for i, label in enumerate(labels) if label == 0]
     chosen = (positives[: n - n // 3] + negatives[: n // 3])[:n]
     if not chosen:
         return

@@ -165,7 +165,8 @@ class DistillationTrainer(Trainer):
     def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         """
         One distillation step. Returns a dictionary with IMAGE, LABEL (image-level), PRED (student output),
-        ``pseudo_key`` (the teacher's maps used), LOSS and the loss components (``loss_kd``, ``loss_wce``).
+        ``PSEUDO_KEY`` (the teacher's maps used, cached or live), LOSS and the loss components (``loss_kd``,
+        ``loss_wce``).
         """
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
