@@ -38,6 +38,7 @@ from monai.apps.pathology.utils import compute_isolated_tumor_cells, compute_mul
 from monai.metrics import compute_froc_curve_data, compute_froc_score, compute_roc_auc
 from monai.metrics.froc import compute_fp_tp_probs_nd
 from monai.transforms import ProbNMS
+from skimage.measure import block_reduce
 
 from custom.data.annotations import BACKGROUND, EXCLUDED, TUMOUR, read_asap_xml, rasterize_annotations
 from custom.data.datalist import load_slide_datalist
@@ -108,13 +109,6 @@ def truth_reader(item: dict, ds: float, shape_hw: tuple[int, int], level0_wh: tu
     return None
 
 
-def _block_max(values: np.ndarray, factor: int) -> np.ndarray:
-    """Max over ``factor`` x ``factor`` blocks (edges padded with 0): keeps every peak and every lesion pixel."""
-    pad = ((0, -values.shape[0] % factor), (0, -values.shape[1] % factor))
-    blocks = np.pad(values, pad).reshape(-1, factor, (values.shape[1] + pad[1][1]) // factor, factor)
-    return blocks.max(axis=(1, 3))
-
-
 @dataclass
 class SlideOverlap:
     """What one streaming pass over a slide gathers: pixel counts and the FROC grids."""
@@ -155,8 +149,8 @@ def evaluate_slide(mask_tif: str | os.PathLike, prob_tif: str | os.PathLike, tru
             labels = truth(row, rows)
             predicted, true, kept = mask.rows(row, rows) > 0, labels == TUMOUR, labels != EXCLUDED
             counts += [np.count_nonzero(predicted & true), np.count_nonzero(predicted & kept), np.count_nonzero(true)]
-            prob_rows.append(_block_max(prob.rows(row, rows), factor))
-            tumour_rows.append(_block_max(true, factor))
+            prob_rows.append(block_reduce(prob.rows(row, rows), factor, np.max, cval=0))  # every peak kept
+            tumour_rows.append(block_reduce(true, factor, np.max, cval=0))
     finally:
         mask.close()
         prob.close()
