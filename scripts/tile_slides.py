@@ -49,6 +49,7 @@ def tile_slide(path: Path, out: Path, level: int | None, mpp: float | None, tile
             warnings.simplefilter("always")
             tissue = detect_tissue(slide, mpp=tissue_mpp, threshold=threshold, mpp_override=mpp_override)
             grid = make_tile_grid(slide, tissue, chosen, tile_size, overlap, min_tissue)
+        grid.tissue = {"mpp": tissue_mpp, "threshold": threshold, "mpp_override": mpp_override}  # grid_for's key
         save_tissue_png(tissue, out / f"{path.stem}_tissue.png", tissue.thumbnail)
         save_tissue_geojson(tissue, out / f"{path.stem}_tissue.geojson")
         save_grid_csv(grid, grid_csv_path(slide, chosen, tile_size, overlap, out))

@@ -158,6 +158,10 @@ def test_grid_for_reuses_a_matching_csv_and_recomputes_otherwise(tmp_path, tissu
     changed = grid_for(tissue_slide, level=0, tile_size=128, min_tissue=0.9, cache_dir=tmp_path)
     assert calls == [1] and changed.min_tissue == 0.9
     assert load_grid_csv(next(tmp_path.glob("*.csv"))).min_tissue == 0.9
+    stricter = grid_for(tissue_slide, level=0, tile_size=128, min_tissue=0.9, cache_dir=tmp_path, threshold=0.5)
+    assert calls == [1, 1] and stricter.tissue == {"threshold": 0.5}  # tissue settings are part of the key
+    assert grid_for(tissue_slide, level=0, tile_size=128, min_tissue=0.9, cache_dir=tmp_path, threshold=0.5).tissue
+    assert calls == [1, 1]  # and, once saved, reused
 
 
 def test_saturation_and_value_equal_skimage_hsv():

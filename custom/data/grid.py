@@ -13,10 +13,11 @@ CSV layout: one ``# {json}`` comment line with the grid parameters, then ``x,y,t
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from custom.data.tissue import TissueMask, detect_tissue
 __all__ = ["TileGrid", "make_tile_grid", "save_grid_csv", "load_grid_csv", "grid_for"]
 
 _COLUMNS = ("x", "y", "tissue_fraction")
+_TISSUE_SIGNATURE = inspect.signature(detect_tissue)  # its defaults complete a grid's tissue settings (cache key)
 
 
 @dataclass
@@ -42,20 +44,28 @@ class TileGrid:
     slide: str
     downsample: float
     min_tissue: float = 0.0
+    tissue: dict = field(default_factory=dict)  # the detect_tissue keyword arguments behind tissue_fraction
 
     def __len__(self) -> int:
         return len(self.x)
 
     def params(self) -> dict:
         """The parameters that decide the grid; a cached CSV is reused only when they all match."""
-        return {
-            "slide": self.slide,
-            "level": self.level,
-            "tile_size": self.tile_size,
-            "overlap": self.overlap,
-            "downsample": self.downsample,
-            "min_tissue": self.min_tissue,
-        }
+        return _params(self.slide, self.level, self.tile_size, self.overlap, self.downsample, self.min_tissue,
+                       self.tissue)
+
+
+def _params(slide: str, level: int, tile_size: int, overlap: int, downsample: float, min_tissue: float,
+            tissue: dict) -> dict:
+    """The cache key of a grid (:meth:`TileGrid.params`), also built by :func:`grid_for` before any grid exists.
+
+    ``tissue`` is completed with :func:`detect_tissue`'s defaults, so the same settings give the same key whether
+    they were passed or left out.
+    """
+    settings = _TISSUE_SIGNATURE.bind_partial(**tissue)
+    settings.apply_defaults()
+    return {"slide": slide, "level": level, "tile_size": tile_size, "overlap": overlap, "downsample": downsample,
+            "min_tissue": min_tissue, "tissue": dict(settings.arguments)}
 
 
 def _starts(length: int, tile_size: int, stride: int) -> np.ndarray:
@@ -140,6 +150,7 @@ def load_grid_csv(path: str | os.PathLike) -> TileGrid:
                 slide=str(params["slide"]),
                 downsample=float(params["downsample"]),
                 min_tissue=float(params["min_tissue"]),
+                tissue=dict(params.get("tissue", {})),
             )
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{path}: malformed tile-grid CSV ({err})") from err
@@ -161,24 +172,19 @@ def grid_for(
 ) -> TileGrid:
     """The slide's tile grid, reused from ``cache_dir`` when a CSV with the same parameters is there.
 
-    Otherwise the tissue is detected (``tissue_kwargs`` go to :func:`detect_tissue`), the grid made and saved.
-    ``tissue_kwargs`` are not recorded in the CSV: delete it after changing them.
+    Otherwise the tissue is detected (``tissue_kwargs`` go to :func:`detect_tissue`, and are part of the cache key),
+    the grid made and saved.
     """
     select_level(slide, level=level)  # validates the level before it indexes anything
     path = grid_csv_path(slide, level, tile_size, overlap, cache_dir) if cache_dir is not None else None
-    wanted = {
-        "slide": slide.path,
-        "level": level,
-        "tile_size": tile_size,
-        "overlap": overlap,
-        "downsample": float(slide.level_downsamples[level]),
-        "min_tissue": min_tissue,
-    }
+    wanted = _params(slide.path, level, tile_size, overlap, float(slide.level_downsamples[level]), min_tissue,
+                     tissue_kwargs)
     if path is not None and path.is_file():
         cached = load_grid_csv(path)
         if cached.params() == wanted:
             return cached
     grid = make_tile_grid(slide, detect_tissue(slide, **tissue_kwargs), level, tile_size, overlap, min_tissue)
+    grid.tissue = dict(tissue_kwargs)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid_csv(grid, path)
