@@ -138,7 +138,7 @@ class LoadTiled(MapTransform):
         return self._slides[path]
 
     def _mask(self, d: dict, image_slide: Slide) -> np.ndarray:
-        """The tile's (rows, cols) ground truth, zero where the tile reaches past the slide."""
+        """The tile's (rows, cols) ground truth, zero (background) where the tile reaches past the slide."""
         (x, y), level, size = d["location"], d["level"], d["tile_size"]
         downsample = image_slide.level_downsamples[level]
         if d.get("annotation"):
@@ -147,11 +147,7 @@ class LoadTiled(MapTransform):
             return rasterize_annotations(self._annotations[d["annotation"]], (x, y), (size, size), downsample)
         if not d.get("mask"):
             return np.zeros((size, size), np.uint8)
-        mask = _read_mask_region(self._slide(d["mask"]), (x, y), size, downsample)
-        level_w, level_h = image_slide.level_dimensions[level]
-        mask[max(level_h - round(y / downsample), 0) :] = 0  # read_region pads with white past the slide's edge
-        mask[:, max(level_w - round(x / downsample), 0) :] = 0
-        return mask
+        return _read_mask_region(self._slide(d["mask"]), (x, y), size, downsample)
 
     def __call__(self, data: dict) -> dict:
         d = dict(data)
@@ -178,7 +174,7 @@ def _read_mask_region(mask_slide: Slide, location_xy: tuple[int, int], size: int
     usable = [i for i, ds in enumerate(mask_slide.level_downsamples) if ds <= downsample * 1.001]
     level = usable[-1]
     factor = max(1, round(downsample / mask_slide.level_downsamples[level]))
-    region = mask_slide.read_region(location_xy, (size * factor, size * factor), level)
+    region = mask_slide.read_region(location_xy, (size * factor, size * factor), level, fill=0)
     region = region[factor // 2 :: factor, factor // 2 :: factor]
     return ((region[..., 0] if region.ndim == 3 else region) > 0).astype(np.uint8)
 

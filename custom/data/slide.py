@@ -74,13 +74,15 @@ class Slide:
         ds = self.level_downsamples[level]
         return self.mpp[0] * ds, self.mpp[1] * ds
 
-    def read_region(self, location_xy: tuple[int, int], size_wh: tuple[int, int], level: int = 0) -> np.ndarray:
-        """Read an RGB region; the part outside the slide is padded with white (255), as blank glass looks.
+    def read_region(self, location_xy: tuple[int, int], size_wh: tuple[int, int], level: int = 0,
+                    fill: int = 255) -> np.ndarray:
+        """Read an RGB region; the part outside the slide is padded with ``fill`` (white, as blank glass looks).
 
         Args:
             location_xy: top-left corner in LEVEL-0 ``(x, y)`` pixels; may be negative.
             size_wh: ``(width, height)`` in pixels at ``level``.
             level: pyramid level.
+            fill: value of the pixels outside the slide (0 for a mask TIFF read as a slide: background).
 
         Returns:
             a writable, C-contiguous ``(height, width, 3)`` uint8 RGB array.
@@ -96,7 +98,7 @@ class Slide:
         col0, row0 = int(x // ds), int(y // ds)
         if col0 >= 0 and row0 >= 0 and col0 + width <= level_w and row0 + height <= level_h:
             return self._read_inside((x, y), (width, height), level)
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        out = np.full((height, width, 3), fill, dtype=np.uint8)
         c_start, c_stop = max(col0, 0), min(col0 + width, level_w)
         r_start, r_stop = max(row0, 0), min(row0 + height, level_h)
         if c_start < c_stop and r_start < r_stop:
