@@ -14,7 +14,7 @@ from monai.data.wsi_reader import CuCIMWSIReader
 from pyramid_files import pattern, write_pyramid
 from torch.utils.data import DataLoader, Dataset
 
-from custom.data.slide import BACKENDS, SlideReadError, _read_tiff_region, open_slide, select_level
+from custom.data.slide import BACKENDS, SlideReadError, _read_tiff_region, level0_mpp, open_slide, select_level
 from custom.metrics.slide import LabelTiff
 
 IMAGE = pattern()
@@ -32,7 +32,8 @@ def test_each_backend_reads_exact_pixels_at_each_level(lossless, backend):
         assert slide.level_dimensions == [(1024, 768), (512, 384), (256, 192)]
         assert slide.level_downsamples == pytest.approx([1, 2, 4])
         assert slide.mpp == pytest.approx((0.5, 0.5))
-        assert slide.level_mpp(2) == pytest.approx((2.0, 2.0))
+        assert level0_mpp(slide) * slide.level_downsamples[2] == pytest.approx(2.0)
+        assert level0_mpp(slide, 0.25) == 0.25
         for level, step in enumerate((1, 2, 4)):
             x, y = 200, 96  # level 0 (x, y); multiples of every downsample
             region = slide.read_region((x, y), (60, 50), level)

@@ -27,7 +27,7 @@ import numpy as np
 from monai.data import WSIReader
 from tifffile.tifffile import svs_description_metadata
 
-__all__ = ["SlideReadError", "Slide", "open_slide", "select_level"]
+__all__ = ["SlideReadError", "Slide", "level0_mpp", "open_slide", "select_level"]
 
 BACKENDS = ("cucim", "openslide", "tifffile")
 _PROBE_SIZE = 64  # pixels of the test read that proves a backend can decode the file
@@ -66,13 +66,6 @@ class Slide:
             self._handle = _open_handle(self.path, self.backend)
             self._handle_pid = os.getpid()
         return self._handle
-
-    def level_mpp(self, level: int) -> tuple[float, float] | None:
-        """Microns per pixel ``(x, y)`` at ``level``, or None when the file has no resolution metadata."""
-        if self.mpp is None:
-            return None
-        ds = self.level_downsamples[level]
-        return self.mpp[0] * ds, self.mpp[1] * ds
 
     def read_region(self, location_xy: tuple[int, int], size_wh: tuple[int, int], level: int = 0,
                     fill: int = 255) -> np.ndarray:
@@ -138,6 +131,14 @@ class Slide:
         state["_handle"] = None
         state["_handle_pid"] = None
         return state
+
+
+def level0_mpp(slide: Slide, override: float | None = None) -> float | None:
+    """Level-0 microns per pixel of a slide (or ``PlainImage``): ``override`` when given (files without or with wrong
+    metadata), else the file's x resolution, else None."""
+    if override is not None:
+        return override
+    return slide.mpp[0] if slide.mpp else None
 
 
 def _read_tiff_region(page: Any, row0: int, col0: int, height: int, width: int) -> np.ndarray:
@@ -278,7 +279,7 @@ def select_level(
         if not 0 <= level < slide.level_count:
             raise ValueError(f"{slide.path}: level {level} requested but the slide has {slide.level_count} levels")
         return int(level)
-    base = mpp_override if mpp_override is not None else (slide.mpp[0] if slide.mpp else None)
+    base = level0_mpp(slide, mpp_override)
     if base is None:
         raise ValueError(
             f"{slide.path} has no microns-per-pixel metadata: select by level=, or pass mpp_override= "

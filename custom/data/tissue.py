@@ -30,7 +30,7 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import downscale_local_mean
 
 from custom.data.morphology import drop_small_pieces, fill_small_holes
-from custom.data.slide import Slide
+from custom.data.slide import Slide, level0_mpp
 
 __all__ = ["TissueMask", "detect_tissue", "save_tissue_png", "tissue_geojson", "save_tissue_geojson"]
 
@@ -50,11 +50,6 @@ class TissueMask:
     def fraction(self) -> float:
         """Fraction of the slide covered by tissue."""
         return float(self.mask.mean()) if self.mask.size else 0.0
-
-    def region_fraction(self, location_xy: tuple[int, int], size_wh_level0: tuple[int, int]) -> float:
-        """Tissue fraction inside one level-0 ``(x, y, width, height)`` box; outside the mask counts as glass."""
-        (x, y), (w, h) = location_xy, size_wh_level0
-        return float(self.box_fractions(np.array([x]), np.array([y]), np.array([w]), np.array([h]))[0])
 
     def box_fractions(self, x: np.ndarray, y: np.ndarray, width: np.ndarray, height: np.ndarray) -> np.ndarray:
         """Tissue fraction of many level-0 boxes at once, from a summed-area table of the mask.
@@ -141,22 +136,22 @@ def detect_tissue(
         dark_value: pixels whose HSV value is below this are never tissue (black fill, debris).
         mpp_override: level-0 microns per pixel for slides without (or with wrong) metadata.
     """
-    level0_mpp = mpp_override or (slide.mpp[0] if slide.mpp else None)
-    if level0_mpp is None:
+    base_mpp = level0_mpp(slide, mpp_override)
+    if base_mpp is None:
         warnings.warn(
             f"{slide.path} has no mpp metadata; assuming {ASSUMED_LEVEL0_MPP} um/px at level 0 to size the tissue "
             "mask (pass mpp_override to set it)",
             stacklevel=2,
         )
-        level0_mpp = ASSUMED_LEVEL0_MPP
-    read_level, factor = _working_resolution(slide, mpp, level, level0_mpp)
+        base_mpp = ASSUMED_LEVEL0_MPP
+    read_level, factor = _working_resolution(slide, mpp, level, base_mpp)
     thumbnail = _thumbnail(slide, read_level, factor)
     downsample = slide.level_downsamples[read_level] * factor
     saturation, value = saturation_value(thumbnail)
     usable = value >= dark_value
     del value  # the float planes are the peak memory of a large slide's tissue mask: free each once used
     used = _saturation_threshold(saturation[usable], min_saturation) if threshold is None else float(threshold)
-    pixel_um2 = (level0_mpp * downsample) ** 2
+    pixel_um2 = (base_mpp * downsample) ** 2
     tissue = (saturation > used) & usable
     del saturation, usable
     mask = closing(tissue, disk(2))

@@ -26,7 +26,7 @@ from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from custom.data.grid import TileGrid, make_tile_grid
-from custom.data.slide import Slide, select_level
+from custom.data.slide import Slide, level0_mpp, select_level
 from custom.data.tissue import ASSUMED_LEVEL0_MPP, TissueMask, detect_tissue
 from custom.inference.stitch import StripMerger, importance_map
 
@@ -188,7 +188,7 @@ class WholeSlideInferer:
         grid = self.tile_grid(slide, tissue, level)
         shape_hw = tuple(reversed(slide.level_dimensions[level]))
         merger = StripMerger(raster_path, shape_hw, self.weights)
-        mpp = self.mpp_override or (slide.mpp[0] if slide.mpp else None)
+        mpp = level0_mpp(slide, self.mpp_override)
         if on_start is not None:
             on_start(merger, (mpp or ASSUMED_LEVEL0_MPP) * grid.downsample)
         try:

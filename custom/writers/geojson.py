@@ -18,10 +18,8 @@ from shapely.geometry import Polygon, mapping
 __all__ = ["qupath_features", "write_qupath_geojson"]
 
 
-def qupath_features(
-    polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0), **properties: object
-) -> dict:
-    """A FeatureCollection with one annotation per polygon, classified as ``name``; extra properties are copied."""
+def qupath_features(polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0)) -> dict:
+    """A FeatureCollection with one annotation per polygon, classified as ``name``."""
     features = [
         {
             "type": "Feature",
@@ -29,7 +27,6 @@ def qupath_features(
             "properties": {
                 "objectType": "annotation",
                 "classification": {"name": name, "color": list(color)},
-                **properties,
             },
         }
         for polygon in polygons
