@@ -38,7 +38,7 @@ import tifffile
 import torch
 
 from custom.data.grid import make_tile_grid
-from custom.data.slide import open_slide
+from custom.data.slide import _read_tiff_region, open_slide
 from custom.data.synthetic import make_layout, render_tile, tissue_fraction
 from custom.data.tissue import detect_tissue
 from custom.inference.outputs import SLIDE_OUTPUTS, PyramidStreamer, write_slide_outputs
@@ -74,20 +74,15 @@ def make_slide(path: Path, size: int, seed: int = 0, workers: int = 2, tile: int
 
 
 def make_mosaic(source: Path, path: Path, tile: int = 256) -> Path:
-    """A 2x2 mosaic of ``source`` (4x its pixels, same tissue fraction), copied tile by tile."""
+    """A 2x2 mosaic of ``source`` (side a multiple of ``tile``; 4x its pixels, same tissue fraction), tile by tile."""
     if path.is_file():
         return path
     with tifffile.TiffFile(source) as tif:
         page = tif.pages[0]
         size = page.shape[0]
-        across = -(-size // page.tilewidth)
-        handle = tif.filehandle
 
         def tile_at(row: int, col: int, height: int, width: int) -> np.ndarray:
-            index = ((row % size) // page.tilelength) * across + (col % size) // page.tilewidth
-            handle.seek(page.dataoffsets[index])
-            data = handle.read(page.databytecounts[index])
-            return page.decode(data, index, jpegtables=page.jpegtables)[0].reshape(tile, tile, 3)[:height, :width]
+            return _read_tiff_region(page, row % size, col % size, height, width)
 
         write_pyramid(path, tile_at, (2 * size, 2 * size), 3, mpp=0.5, tile=tile)
     return path
