@@ -134,6 +134,14 @@ def test_slide_smaller_than_a_tile_is_refused(tissue_slide):
         make_tile_grid(tissue_slide, None, level=2, tile_size=256)
 
 
+def test_inference_grid_covers_a_side_shorter_than_a_tile_with_one_tile(tissue_slide):
+    """Level 1 is 512x384 (w x h): 400-px tiles give two columns (starts 0 and 400) and one row that passes the
+    bottom edge; level-0 (x, y) = level-1 starts x 2."""
+    grid = make_tile_grid(tissue_slide, None, level=1, tile_size=400, allow_small=True)
+    assert sorted(zip(grid.x.tolist(), grid.y.tolist())) == [(0, 0), (800, 0)]
+    assert len(make_tile_grid(tissue_slide, None, level=2, tile_size=256, allow_small=True)) == 1
+
+
 def test_grid_csv_round_trip(tmp_path, tissue_slide):
     grid = make_tile_grid(tissue_slide, detect_tissue(tissue_slide), level=1, tile_size=64, overlap=16)
     path = save_grid_csv(grid, tmp_path / "grid.csv")

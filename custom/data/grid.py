@@ -70,7 +70,7 @@ def _params(slide: str, level: int, tile_size: int, overlap: int, downsample: fl
 
 def _starts(length: int, tile_size: int, stride: int) -> np.ndarray:
     """Tile starts along one axis so that the tiles cover ``[0, length)``; the last may pass the edge."""
-    count = -(-(length - tile_size) // stride) + 1
+    count = max(1, -(-(length - tile_size) // stride) + 1)  # one tile even when the axis is shorter than it
     return np.arange(count, dtype=np.int64) * stride
 
 
@@ -81,6 +81,7 @@ def make_tile_grid(
     tile_size: int = 256,
     overlap: int = 0,
     min_tissue: float = 0.25,
+    allow_small: bool = False,
 ) -> TileGrid:
     """Lay tiles over the slide at ``level`` and keep those whose tissue fraction is at least ``min_tissue``.
 
@@ -91,13 +92,15 @@ def make_tile_grid(
         tile_size: tile side in pixels at ``level``.
         overlap: pixels at ``level`` shared by neighbouring tiles.
         min_tissue: the smallest tissue fraction a kept tile has.
+        allow_small: a level narrower or shorter than one tile gets one tile along that side, reaching past the edge
+            (inference pads it); by default such a level is refused (training tiles must lie on the slide).
     """
     if not 0 <= level < slide.level_count:
         raise ValueError(f"{slide.path}: level {level} requested but the slide has {slide.level_count} levels")
     if tile_size <= 0 or not 0 <= overlap < tile_size:
         raise ValueError(f"{slide.path}: need tile_size > 0 and 0 <= overlap < tile_size, got {tile_size}, {overlap}")
     level_w, level_h = slide.level_dimensions[level]
-    if level_w < tile_size or level_h < tile_size:
+    if not allow_small and (level_w < tile_size or level_h < tile_size):
         raise ValueError(
             f"{slide.path}: level {level} is {level_w}x{level_h} px (w x h), smaller than one {tile_size} px tile; "
             "choose a finer level or a smaller tile"

@@ -154,16 +154,8 @@ class WholeSlideInferer:
         return select_level(slide, self.level, self.mpp, self.mpp_tolerance, self.mpp_override)
 
     def tile_grid(self, slide: Slide, tissue: TissueMask | None, level: int) -> TileGrid:
-        """Tissue tiles at ``level``; a level smaller than one window becomes one white-padded window."""
-        level_w, level_h = slide.level_dimensions[level]
-        if min(level_w, level_h) >= self.tile_size:
-            return make_tile_grid(slide, tissue, level, self.tile_size, self.overlap, self.min_tissue)
-        ds = float(slide.level_downsamples[level])
-        side = self.tile_size * ds
-        fraction = np.ones(1) if tissue is None else tissue.box_fractions(np.zeros(1), np.zeros(1), side, side)
-        keep = fraction >= self.min_tissue
-        zeros = np.zeros(int(keep.sum()), np.int64)
-        return TileGrid(zeros, zeros.copy(), level, self.tile_size, self.overlap, fraction[keep], slide.path, ds)
+        """Tissue tiles at ``level``; a side shorter than one window gets one window, white-padded past the edge."""
+        return make_tile_grid(slide, tissue, level, self.tile_size, self.overlap, self.min_tissue, allow_small=True)
 
     def __call__(
         self,
