@@ -1,18 +1,16 @@
-"""Stage-2 handlers for DistributedDataParallel runs: one role-swap decision for all ranks, sharded pseudo-labels."""
+"""Stage-2 handler for DistributedDataParallel runs: one role-swap decision for all ranks (pseudo-labels shard
+themselves: ``PseudoLabelHandler``)."""
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from custom.engines.distillation_trainer import DistillationEvents
-from custom.engines.distributed import barrier, rank, state_digest, world_size
-from custom.handlers.pseudo_labels import PseudoLabelHandler
+from custom.engines.distributed import rank, state_digest, world_size
 from custom.handlers.role_swap import RoleSwapHandler, _unwrap
 
 if TYPE_CHECKING:
@@ -20,7 +18,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["DistributedRoleSwapHandler", "ShardedPseudoLabelHandler"]
+__all__ = ["DistributedRoleSwapHandler"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,42 +56,3 @@ class DistributedRoleSwapHandler(RoleSwapHandler):
                     dist.broadcast(tensor, src=0)
         digests = ", ".join(f"{name} {state_digest(network)}" for name, network in networks.items())
         logger.info(f"role swap synchronised at epoch {engine.state.epoch} on rank {rank()}: {digests}")
-
-
-class ShardedPseudoLabelHandler(PseudoLabelHandler):
-    """
-    :class:`PseudoLabelHandler` whose maps are written by all ranks, each for its shard of the images.
-
-    Give it a loader with ``monai.data.DistributedSampler(dataset, even_divisible=False, shuffle=False)``: the
-    shards are then disjoint and cover the data, so every image's map is written exactly once. Rank 0 gathers the
-    rows, restores the loader's order (that sampler deals index ``i`` to rank ``i % world_size``) and writes
-    ``manifest.csv``; all ranks then wait, so no rank trains on maps another rank is still writing. An image that
-    two ranks wrote (a padded or unsharded loader) is refused. Same arguments as :class:`PseudoLabelHandler`.
-    """
-
-    def __call__(self, engine: Engine) -> None:
-        """Write this rank's shard, gather the manifest on rank 0, then wait for every rank."""
-        rows = self.write_maps(engine.teacher, engine.state.device, engine.state.epoch)
-        shards: list[Any] = [rows]
-        if world_size() > 1:
-            shards = [None] * world_size()
-            dist.gather_object(rows, shards if rank() == 0 else None, dst=0)
-        if rank() == 0:
-            ordered = [row for group in itertools.zip_longest(*shards) for row in group if row is not None]
-            _check_written_once(ordered)
-            self.write_manifest(ordered)
-            self.logger.info(
-                f"pseudo-labels round {self.round}: {len(ordered)} maps written by {world_size()} rank(s) to "
-                f"{self.output_dir} ({', '.join(str(len(s)) for s in shards)} per rank)"
-            )
-        barrier()
-
-
-def _check_written_once(rows: list[dict[str, Any]]) -> None:
-    """Refuse a gathered manifest in which an image appears twice: its shards overlapped."""
-    repeated = sorted(name for name, count in Counter(row["name"] for row in rows).items() if count > 1)
-    if repeated:
-        raise RuntimeError(
-            f"pseudo-labels of {repeated[:5]} were written by several ranks: give the pseudo-label loader a "
-            "DistributedSampler(even_divisible=False, shuffle=False)."
-        )

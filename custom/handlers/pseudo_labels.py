@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import os
+from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image
 
 from custom.engines.distillation_trainer import PSEUDO_KEY, DistillationEvents
+from custom.engines.distributed import barrier, rank, world_size
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -55,7 +58,11 @@ class PseudoLabelHandler:
     METHOD.md prescribes for them is applied by ``DistillationLoss`` from the image label, in one place, so the cached
     and the teacher-forward paths train identically.
 
-    With ``torch.distributed`` initialised, rank 0 writes and the other ranks wait at a barrier.
+    With ``torch.distributed`` initialised, every rank writes the maps of its shard of ``data_loader``: give it a
+    ``monai.data.DistributedSampler(dataset, even_divisible=False, shuffle=False)``, so the shards are disjoint and
+    cover the data. Rank 0 gathers the rows, restores the loader's order (that sampler deals index ``i`` to rank
+    ``i % world_size``) and writes ``manifest.csv``; all ranks then wait, so none trains on maps another rank is still
+    writing. An image written by two ranks (a padded or unsharded loader) is refused.
     Attach it after a ``CheckpointLoader`` so that a resumed run writes its restored teacher's maps.
 
     Args:
@@ -94,13 +101,21 @@ class PseudoLabelHandler:
         self(engine)
 
     def __call__(self, engine: Engine) -> None:
-        """Regenerate the cache from ``engine.teacher`` (rank 0 only under torch.distributed)."""
-        distributed = dist.is_available() and dist.is_initialized()
-        if not distributed or dist.get_rank() == 0:
-            rows = self.write(engine.teacher, engine.state.device, engine.state.epoch)
-            self.logger.info(f"pseudo-labels round {self.round}: {len(rows)} maps written to {self.output_dir}")
-        if distributed:
-            dist.barrier()
+        """Regenerate the cache from ``engine.teacher``: each rank writes its shard, rank 0 the manifest, all wait."""
+        rows = self.write_maps(engine.teacher, engine.state.device, engine.state.epoch)
+        shards: list[Any] = [rows]
+        if world_size() > 1:
+            shards = [None] * world_size()
+            dist.gather_object(rows, shards if rank() == 0 else None, dst=0)
+        if rank() == 0:
+            ordered = [row for group in itertools.zip_longest(*shards) for row in group if row is not None]
+            _check_written_once(ordered)
+            self.write_manifest(ordered)
+            self.logger.info(
+                f"pseudo-labels round {self.round}: {len(ordered)} maps written by {world_size()} rank(s) to "
+                f"{self.output_dir} ({', '.join(str(len(s)) for s in shards)} per rank)"
+            )
+        barrier()
 
     def write(self, teacher: torch.nn.Module, device: torch.device | str, epoch: int = 0) -> list[dict[str, Any]]:
         """Run ``teacher`` (eval, no grad) over the data, write the maps and the manifest; return its rows."""
@@ -197,3 +212,13 @@ class LoadPseudoLabeld(Transform, RandomizableTrait):
             )
         d[self.pseudo_key] = self.loader(path)
         return d
+
+
+def _check_written_once(rows: list[dict[str, Any]]) -> None:
+    """Refuse a gathered manifest in which an image appears twice: its shards overlapped."""
+    repeated = sorted(name for name, count in Counter(row["name"] for row in rows).items() if count > 1)
+    if repeated:
+        raise RuntimeError(
+            f"pseudo-labels of {repeated[:5]} were written by several ranks: give the pseudo-label loader a "
+            "DistributedSampler(even_divisible=False, shuffle=False)."
+        )
