@@ -128,3 +128,12 @@ def test_bad_names_and_missing_files_raise(tmp_path):
         LoadPseudoLabeld(tmp_path)({"name": "im0"})
     with pytest.raises(ValueError, match="path separator"):
         LoadPseudoLabeld(tmp_path)({"name": "../im0"})
+
+
+def test_overlapping_rank_shards_are_refused():
+    """A gathered manifest naming an image twice (a padded or unsharded loader under DDP) stops the run."""
+    from custom.handlers.pseudo_labels import _check_written_once
+
+    _check_written_once([{"name": "a"}, {"name": "b"}])
+    with pytest.raises(RuntimeError, match=r"\['a'\] were written by several ranks.*DistributedSampler"):
+        _check_written_once([{"name": "a"}, {"name": "b"}, {"name": "a"}])
