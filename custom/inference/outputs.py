@@ -44,13 +44,18 @@ from custom.writers.geojson import write_qupath_geojson
 from custom.writers.pyramid_tiff import write_pyramid
 
 __all__ = ["SUMMARY_SUFFIX", "SCORE_DEFINITION", "SLIDE_OUTPUTS", "RasterStats", "RasterTiles", "PyramidStreamer",
-           "check_outputs", "summary_path", "write_slide_outputs", "write_image_outputs"]
+           "check_outputs", "summary_path", "threshold_cut", "write_slide_outputs", "write_image_outputs"]
 
 SUMMARY_SUFFIX = "_summary.json"
 SCORE_DEFINITION = "mean of the top_k highest pixel probabilities of the map (robust to isolated hot pixels)"
 SLIDE_OUTPUTS = ("prob", "mask", "geojson", "asap_xml", "overlay")
 """Keys of the optional per-slide files (``files`` in the summary): pyramids, polygons, XML, overlay picture."""
 _TILE = 256
+
+
+def threshold_cut(threshold: float) -> int:
+    """The stored uint8 value from which a pixel is tumour: probabilities are kept as round(255 x p)."""
+    return int(np.rint(255 * threshold))
 
 
 def check_outputs(outputs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -147,7 +152,7 @@ class PyramidStreamer:
 
     def __init__(self, output_dir: str | os.PathLike, name: str, threshold: float = 0.5,
                  outputs: tuple[str, ...] = SLIDE_OUTPUTS, max_polygon_side: int = 8192) -> None:
-        self.folder, self.name, self.cut = Path(output_dir) / name, name, int(np.rint(255 * threshold))
+        self.folder, self.name, self.cut = Path(output_dir) / name, name, threshold_cut(threshold)
         self.kinds = [kind for kind in ("prob", "mask") if kind in check_outputs(outputs)]
         self.max_polygon_side = max_polygon_side
         self.pool = ThreadPoolExecutor(2, thread_name_prefix=f"pyramids-{name}")
@@ -218,7 +223,7 @@ def write_slide_outputs(
     folder.mkdir(parents=True, exist_ok=True)
     level0_mpp = prediction.level0_mpp or ASSUMED_LEVEL0_MPP
     ds = prediction.downsample
-    cut = int(np.rint(255 * threshold))
+    cut = threshold_cut(threshold)
     shape = prediction.shape_hw
     if pyramids is None:
         pyramids = PyramidStreamer(output_dir, name, threshold, outputs, max_polygon_side)
@@ -282,7 +287,7 @@ def write_image_outputs(
     folder = Path(output_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     values = read_raster_rows(prediction.raster, prediction.shape_hw, 0, prediction.shape_hw[0])
-    cut = int(np.rint(255 * threshold))
+    cut = threshold_cut(threshold)
     mask = np.where(values >= cut, 255, 0).astype(np.uint8)
     files = {"mask": folder / f"{name}_mask.png", "prob": folder / f"{name}_prob.nii.gz"}
     imsave(files["mask"], mask, check_contrast=False)

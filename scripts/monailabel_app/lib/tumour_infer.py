@@ -36,6 +36,7 @@ from skimage.io import imsave
 from custom.data.slide import open_slide
 from custom.data.tissue import ASSUMED_LEVEL0_MPP
 from custom.inference import PlainImage, load_checkpoint, mask_polygons
+from custom.inference.outputs import threshold_cut
 from custom.inference.runner import PLAIN_SUFFIXES
 from custom.inference.stitch import read_raster_rows
 
@@ -111,7 +112,7 @@ class TumourSegmentation(InferTask):
 
     def mask(self, probabilities: np.ndarray) -> np.ndarray:
         """Tumour where the stored probability is at least ``round(255 x threshold)``, as the bundle's outputs."""
-        return probabilities >= int(np.rint(255 * self.threshold))
+        return probabilities >= threshold_cut(self.threshold)
 
     def __call__(self, request: dict) -> tuple[str | None, dict]:
         """A region answers contours (no file); a whole plain image answers a PNG mask file."""
