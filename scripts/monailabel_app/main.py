@@ -20,6 +20,7 @@ lie on the slide and stay within the pixel and tile budget; otherwise the client
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -83,10 +84,18 @@ class TumourSegmentationApp(MONAILabelApp):
         """The checked region of ``request`` on its image (a 400 if the file cannot be read as a slide)."""
         path = request["image"]
         try:
-            if Path(path).suffix.lower() in PLAIN_SUFFIXES:
-                image = PlainImage.read(path)
-                return check_region(request, image.level_dimensions, image.level_downsamples, self.max_region_px)
-            with open_slide(path) as slide:
-                return check_region(request, slide.level_dimensions, slide.level_downsamples, self.max_region_px)
+            dimensions, downsamples = _geometry(path, Path(path).stat().st_mtime_ns)
         except (SlideReadError, ValueError, OSError) as err:
             raise HTTPException(400, f"{Path(path).name} cannot be read: {err}") from err
+        return check_region(request, list(dimensions), list(downsamples), self.max_region_px)
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(path: str, mtime_ns: int) -> tuple[tuple, tuple]:
+    """Level sizes (w, h) and downsamples of an image, read and validated once per version of the file: MONAI Label
+    checks the region again for every tile it infers."""
+    if Path(path).suffix.lower() in PLAIN_SUFFIXES:
+        image = PlainImage.read(path)
+        return tuple(image.level_dimensions), tuple(image.level_downsamples)
+    with open_slide(path) as slide:
+        return tuple(slide.level_dimensions), tuple(slide.level_downsamples)
