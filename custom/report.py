@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from monai.handlers import MetricLogger, from_engine
 from custom.engines.batch import PrepareImageMask
 from custom.handlers.role_swap import RoleSwapHandler
 from custom.metrics import METRIC_KEYS, MILSegmentationHandler, evaluate_baselines
+from custom.metrics.segmentation import summarise_scores
 from custom.writers.figures import plot_curves, plot_overlays
 
 __all__ = [
     "evaluate_network",
+    "subset_metrics",
     "dataset_baselines",
     "select_final_model",
     "curves_from_loggers",
@@ -41,23 +44,44 @@ def evaluate_network(
     amp: bool = False,
     smooth_sigma: float | None = 3.0,
     threshold: float = 0.5,
-) -> dict[str, float | int]:
-    """The ``eval_metrics.json`` fields of one network on a loader of image + mask batches, via a MONAI evaluator."""
+    subsets: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``eval_metrics.json`` fields of one network on a loader of image + mask batches, via a MONAI evaluator;
+    with ``subsets`` also ``"subsets"``: the same fields per subset of the images (see ``subset_metrics``)."""
+    handler = MILSegmentationHandler(
+        key="f1", prefix="eval_", smooth_sigma=smooth_sigma, threshold=threshold,
+        output_transform=from_engine(["pred", "label"]),
+    )
     evaluator = SupervisedEvaluator(
-        device=device,
-        val_data_loader=data_loader,
-        network=network,
-        prepare_batch=PrepareImageMask(),
-        key_val_metric={
-            "f1": MILSegmentationHandler(
-                key="f1", prefix="eval_", smooth_sigma=smooth_sigma, threshold=threshold,
-                output_transform=from_engine(["pred", "label"]),
-            )
-        },
-        amp=amp,
+        device=device, val_data_loader=data_loader, network=network, prepare_batch=PrepareImageMask(),
+        key_val_metric={"f1": handler}, amp=amp,
     )
     evaluator.run()
-    return {key: _plain(evaluator.state.metrics[f"eval_{key}"]) for key in METRIC_KEYS}
+    metrics: dict[str, Any] = {key: _plain(evaluator.state.metrics[f"eval_{key}"]) for key in METRIC_KEYS}
+    if subsets:
+        names = [str(item["name"]) for item in getattr(data_loader.dataset, "data", [])]
+        metrics["subsets"] = subset_metrics(handler.metric_fn.get_buffer(), names, subsets)
+    return metrics
+
+
+def subset_metrics(rows: torch.Tensor, names: Sequence[str], subsets: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Metrics per subset of images: each image joins the first subset whose regex is found in its name.
+
+    Negatives of different origins (normal mucosa, benign lesions that look like tumour) behave very differently,
+    so one ``f1_neg`` over all of them hides what a user needs to know. Subsets without an image are left out.
+    """
+    if len(names) != len(rows):
+        raise ValueError(f"{len(rows)} score rows but {len(names)} image names; evaluate the loader's dataset in order")
+    patterns = {subset: re.compile(pattern) for subset, pattern in subsets.items()}
+    members: dict[str, list[int]] = {subset: [] for subset in subsets}
+    for index, name in enumerate(names):
+        subset = next((s for s, pattern in patterns.items() if pattern.search(name)), None)
+        if subset is not None:
+            members[subset].append(index)
+    return {
+        subset: {k: _plain(v) for k, v in summarise_scores(rows[indices]).items()}
+        for subset, indices in members.items() if indices
+    }
 
 
 def write_eval_metrics(
@@ -86,11 +110,14 @@ def dataset_baselines(dataset: Sequence[Mapping], **kwargs: Any) -> dict[str, di
     return {name: {k: _plain(v) for k, v in scores.items()} for name, scores in evaluate_baselines(masks, **kwargs).items()}
 
 
-def select_final_model(teacher: torch.nn.Module, role_swap: RoleSwapHandler) -> tuple[dict[str, torch.Tensor], str, float | None]:
-    """The weights to ship (``model.pt``): the best validated student when it beats the current teacher, else the
-    teacher, which is the stage-1 MIL teacher when no swap happened and a former student otherwise."""
+def select_final_model(
+    teacher: torch.nn.Module, role_swap: RoleSwapHandler, margin: float = 0.0
+) -> tuple[dict[str, torch.Tensor], str, float | None]:
+    """The weights to ship (``model.pt``): the best validated student unless the current teacher beats it by more
+    than ``margin`` on validation, else the teacher (the stage-1 MIL teacher when no swap happened, a former student
+    otherwise). Within the margin the validation difference is noise, and the distilled student is preferred."""
     best, best_score = role_swap.best_student_state, role_swap.best_student_score
-    if best is not None and (role_swap.teacher_score is None or best_score > role_swap.teacher_score):
+    if best is not None and (role_swap.teacher_score is None or best_score >= role_swap.teacher_score - margin):
         return copy.deepcopy(best), "best student", best_score
     return copy.deepcopy(teacher.state_dict()), _teacher_origin(role_swap), role_swap.teacher_score
 
@@ -114,7 +141,7 @@ def _teacher_origin(role_swap: RoleSwapHandler) -> str:
 
 
 def curves_from_loggers(
-    loggers: Mapping[str, tuple[MetricLogger, int]], metrics: Sequence[str] = ("val_f1", "val_f1_pos", "val_f1_neg")
+    loggers: Mapping[str, tuple[MetricLogger, int]], metrics: Sequence[str] = ("val_auc",)
 ) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Per-epoch training loss and validation ``metrics`` of each stage; a stage's epochs continue the previous ones."""
     loss: dict[str, list[tuple[float, float]]] = {}
@@ -148,6 +175,7 @@ def format_table(results: Mapping[str, Mapping[str, float | int]], keys: Sequenc
 
 
 def finish_training(
+    *,
     output_dir: str | Path,
     ckpt_dir: str | Path,
     stage1_teacher: torch.nn.Module,
@@ -159,6 +187,9 @@ def finish_training(
     loggers: Mapping[str, tuple[MetricLogger, int]],
     config: Mapping[str, Any],
     device: str | torch.device,
+    selection_key: str = "val_auc",
+    swap_margin: float = 0.0,
+    test_subsets: Mapping[str, str] | None = None,
     amp: bool = False,
     smooth_sigma: float | None = 3.0,
     threshold: float = 0.5,
@@ -169,25 +200,29 @@ def finish_training(
     ``metrics.json``, ``training_curves.png`` and ``overlays.png`` into ``output_dir``; print the comparison.
 
     ``test_display`` holds the test items without normalisation (image in [0, 1], mask, label, name), index-aligned
-    with ``test_loader.dataset``, for the pictures and the baselines.
+    with ``test_loader.dataset``, for the pictures and the baselines. ``selection_key`` names the validation score
+    that selected the models (e.g. ``val_auc``); ``test_subsets`` splits the test table by image name.
     """
     output_dir, ckpt_dir = Path(output_dir), Path(ckpt_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    weights, source, val_score = select_final_model(teacher, role_swap)
+    weights, source, val_score = select_final_model(teacher, role_swap, swap_margin)
     torch.save(weights, ckpt_dir / "model.pt")
     distilled, distilled_source, distilled_score = distilled_model(teacher, role_swap)
     student.load_state_dict(distilled)
     kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}
     results = {
-        "teacher": evaluate_network(stage1_teacher, test_loader, device, amp, **kwargs),
-        "student": evaluate_network(student, test_loader, device, amp, **kwargs),
+        name: evaluate_network(network, test_loader, device, amp, subsets=test_subsets, **kwargs)
+        for name, network in (("teacher", stage1_teacher), ("student", student))
     }
+    subsets = {name: result.pop("subsets", {}) for name, result in results.items()}
     baselines = dataset_baselines(test_display, **kwargs)
     report = {
         **results,
         "baselines": baselines,
-        "student_model": {"source": distilled_source, "val_f1": distilled_score},
-        "final_model": {"source": source, "val_f1": val_score, "path": str(ckpt_dir / "model.pt")},
+        "subsets": subsets,
+        "selection": {"metric": selection_key, "swap_margin": swap_margin},
+        "student_model": {"source": distilled_source, "val_score": distilled_score},
+        "final_model": {"source": source, "val_score": val_score, "path": str(ckpt_dir / "model.pt")},
         "rounds": role_swap.rounds,
         "config": dict(config),
     }
@@ -195,7 +230,7 @@ def finish_training(
     stage1_epochs = _stage_epochs(*loggers["stage 1"]) if "stage 1" in loggers else 0
     swaps = [stage1_epochs + r["epoch"] for r in role_swap.rounds if r["swapped"]]
     plot_curves(
-        curves_from_loggers(loggers), output_dir / "training_curves.png", marks=swaps,
+        curves_from_loggers(loggers, (selection_key,)), output_dir / "training_curves.png", marks=swaps,
         title="stage 1 (MIL teacher) then stage 2 (distillation); dashed lines: role swaps",
     )
     _overlays(stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays, threshold)
@@ -205,7 +240,13 @@ def finish_training(
     )
     logger.info("test split results\n" + table)
     print(f"\nTest split ({results['student']['n_pos']} positive, {results['student']['n_neg']} negative images):\n{table}")
-    print(f"Distilled student: {distilled_source}. Outputs in {output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, validation F1 {val_score})")
+    if sum(1 for _ in subsets["student"]) > 1:
+        rows = {f"{model}: {subset}": m for model, per in subsets.items() for subset, m in per.items()}
+        print("By subset of the test images (test_subsets):\n" + format_table(rows, ("n_pos", "n_neg", "f1_pos", "f1_neg", "fp_area")))
+    print(
+        f"Selection by {selection_key} (swap margin {swap_margin}). Distilled student: {distilled_source}. Outputs in "
+        f"{output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, {selection_key} {val_score})"
+    )
     return report
 
 

@@ -1,17 +1,19 @@
-"""Run the bundle's training under a set of ablations and print one table of their test metrics.
+"""Run the bundle's training under a set of ablations, over several seeds, and print one table of test metrics.
 
 Every variant is one ``python -m monai.bundle run training`` of bundle/configs/train.json with a few overrides, in a
-folder of its own. Stage 1 (the MIL teacher) is trained once: its checkpoints are copied into every other variant's
-folder, where ``run_stage`` finds the finished stage and goes straight to the distillation. The supervised upper
-bound (gt masks, bundle/configs/supervised.json) trains its own network and is labelled as such.
+folder of its own (``out/seed{S}/{variant}``). Per seed, stage 1 (the MIL teacher) is trained once: its checkpoints
+are copied into every other variant's folder, where ``run_stage`` finds the finished stage and goes straight to the
+distillation. The supervised upper bound (gt masks, bundle/configs/supervised.json) trains its own network and is
+labelled as such. Each cell is the mean and standard deviation over seeds; the paired rows give the distilled
+student minus its own seed's teacher.
 
-    python scripts/ablate.py --dataset_dir ../shared/data/ebhi-seg --out runs/ebhi --extra "{'image_size': 224}"
+    python scripts/ablate.py --dataset_dir ../shared/data/ebhi-seg --out runs/ebhi --seeds 3
 """
-
 from __future__ import annotations
 
 import ast
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import fire
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"
@@ -35,13 +38,14 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "supervised_upper_bound": (["supervised.json"], {}),
 }
 DEFAULT_VARIANTS = ("full", "no_wce", "no_swap", "supervised_upper_bound")
-COLUMNS = ("f1", "iou", "hd", "f1_pos", "f1_neg", "iou_pos", "iou_neg", "pixel_dice", "auc")
+COLUMNS = ("f1", "f1_pos", "f1_neg", "iou", "hd", "pixel_dice", "auc", "fp_area")
+PAIRED = ("f1", "f1_pos", "f1_neg", "fp_area")
+SUPERVISED = "supervised_upper_bound"
 STAGE1_FILES = ("stage1_checkpoint_epoch=*.pt", "teacher_best.pt")
 
 
-def _run(variant: str, out: Path, dataset_dir: str, configs: list[str], overrides: dict) -> dict:
-    """One bundle training in ``out/variant``; returns its metrics.json."""
-    run_dir = out / variant
+def run_training(run_dir: Path, dataset_dir: str, configs: list[str], overrides: dict) -> dict:
+    """One bundle training in ``run_dir`` (resumed if it was interrupted); returns its metrics.json."""
     files = [str(CONFIGS / "train.json"), *(str(CONFIGS / c) for c in configs)]
     args = {"dataset_dir": dataset_dir, "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "outputs"), **overrides}
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(files)]
@@ -49,12 +53,12 @@ def _run(variant: str, out: Path, dataset_dir: str, configs: list[str], override
         command += [f"--{key}", value if isinstance(value, str) else repr(value)]  # fire reads Python literals
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(run_dir / "train.log", "w") as log:
+    with open(run_dir / "train.log", "a") as log:
         result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
-        raise RuntimeError(f"variant {variant} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
-    print(f"{variant}: done in {seconds:.0f} s", flush=True)
+        raise RuntimeError(f"{run_dir} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
+    print(f"{run_dir}: done in {seconds:.0f} s", flush=True)
     metrics = json.loads((run_dir / "outputs" / "metrics.json").read_text())
     metrics["seconds"] = seconds
     return metrics
@@ -68,18 +72,68 @@ def _share_stage1(source: Path, target: Path) -> None:
             shutil.copy2(path, target / "models" / path.name)
 
 
-def table(results: dict[str, dict]) -> str:
-    """Rows: the shared stage-1 teacher, each variant's final model, and the baselines; columns: test metrics."""
-    rows: dict[str, dict] = {}
-    first = next(iter(results.values()))
-    rows["MIL teacher (stage 1)"] = first["teacher"]
-    for name, metrics in results.items():
-        label = "supervised UPPER BOUND (gt masks)" if name == "supervised_upper_bound" else f"distilled: {name}"
-        rows[label] = metrics["student"]
-    for name, metrics in first.get("baselines", {}).items():
-        rows[f"baseline: {name}"] = metrics
-    lines = [f"{'':<36}" + "".join(f"{c:>11}" for c in COLUMNS)]
-    lines += [f"{name:<36}" + "".join(f"{m[c]:>11.4f}" for c in COLUMNS) for name, m in rows.items()]
+def shipped_metrics(metrics: dict) -> dict:
+    """Test metrics of the shipped model.pt: the stage-1 teacher's, or the distilled model's (student or former one)."""
+    return metrics["teacher"] if metrics["final_model"]["source"] == "stage-1 MIL teacher" else metrics["student"]
+
+
+def _with_subsets(metrics: dict, subsets: dict) -> dict:
+    """A model's test metrics plus ``fp_area`` / ``f1_neg`` of each test subset (e.g. benign lesions) as columns."""
+    flat = dict(metrics)
+    for subset, values in subsets.items():
+        flat[f"fp_area[{subset}]"] = values.get("fp_area", math.nan)
+        flat[f"f1_neg[{subset}]"] = values.get("f1_neg", math.nan)
+    return flat
+
+
+def _cell(values: list[float]) -> str:
+    """mean +- standard deviation over seeds (sample std; no spread with one seed)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "nan"
+    return f"{np.mean(values):.4f}" + (f"+-{np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
+
+
+def rows_per_seed(results: dict[int, dict[str, dict]]) -> dict[str, list[dict]]:
+    """Row name -> one metrics dict per seed: teacher, each variant's student, model.pt of "full", bound, floors."""
+    rows: dict[str, list[dict]] = {}
+    for per_variant in results.values():
+        distilled = {n: m for n, m in per_variant.items() if n != SUPERVISED}
+        first = next(iter(distilled.values()), None) or next(iter(per_variant.values()))
+        if distilled:
+            rows.setdefault("MIL teacher (stage 1)", []).append(_with_subsets(first["teacher"], first["subsets"].get("teacher", {})))
+        for name, metrics in per_variant.items():
+            label = "supervised UPPER BOUND (gt masks)" if name == SUPERVISED else f"distilled: {name}"
+            rows.setdefault(label, []).append(_with_subsets(metrics["student"], metrics["subsets"].get("student", {})))
+            if name == "full":
+                source = "teacher" if metrics["final_model"]["source"] == "stage-1 MIL teacher" else "student"
+                rows.setdefault("shipped model.pt (full)", []).append(
+                    _with_subsets(shipped_metrics(metrics), metrics["subsets"].get(source, {}))
+                )
+        for name, metrics in first.get("baselines", {}).items():
+            rows.setdefault(f"baseline: {name}", []).append(metrics)
+    return rows
+
+
+def table(results: dict[int, dict[str, dict]]) -> str:
+    """Mean +- std over seeds per row; then the paired student - teacher differences, and how often model.pt was
+    the better of the two on test."""
+    rows = rows_per_seed(results)
+    extra = sorted({k for per_seed in rows.values() for m in per_seed for k in m if k.startswith(("fp_area[", "f1_neg["))})
+    columns = [*COLUMNS, *extra]
+    width = max(16, *(len(c) + 2 for c in columns))
+    lines = [f"{len(results)} seed(s): {sorted(results)}", f"{'':<36}" + "".join(f"{c:>{width}}" for c in columns)]
+    for name, per_seed in rows.items():
+        lines.append(f"{name:<36}" + "".join(f"{_cell([m.get(c, math.nan) for m in per_seed]):>{width}}" for c in columns))
+    lines.append("")
+    lines.append("paired over seeds: distilled student minus its own seed's stage-1 teacher")
+    for variant in sorted({n for per_variant in results.values() for n in per_variant if n != SUPERVISED}):
+        diffs = {c: [m[variant]["student"][c] - m[variant]["teacher"][c] for m in results.values() if variant in m] for c in PAIRED}
+        lines.append(f"  {variant:<20}" + "  ".join(f"{c} {_cell(v)}" for c, v in diffs.items()))
+    full = [m["full"] for m in results.values() if "full" in m]
+    if full:
+        better = sum(shipped_metrics(m)["f1"] >= max(m["teacher"]["f1"], m["student"]["f1"]) for m in full)
+        lines.append(f"model.pt (full) was the better of teacher and student on test F1 in {better} of {len(full)} seed(s)")
     return "\n".join(lines)
 
 
@@ -89,26 +143,40 @@ def main(
     variants: str | tuple = DEFAULT_VARIANTS,
     configs: str | tuple = ("cpu.json",),
     extra: str | dict | None = None,
+    seeds: int = 1,
+    first_seed: int = 111,
 ) -> None:
-    """Run ``variants`` (comma-separated names of VARIANTS) on ``dataset_dir``; every run gets ``configs`` (merged
-    after train.json, default the CPU-sized cpu.json) and ``extra`` overrides (a dict, e.g. "{'image_size': 224}")."""
+    """Run ``variants`` (comma-separated names of VARIANTS) on ``dataset_dir`` with ``seeds`` seeds (``first_seed``,
+    ``first_seed + 1``, ...); every run gets ``configs`` (merged after train.json, default the CPU-sized cpu.json)
+    and ``extra`` overrides (a dict, e.g. "{'image_size': 224}"). Finished runs are read back, not rerun."""
     names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants)]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     base_configs = [c.strip() for c in (configs.split(",") if isinstance(configs, str) else configs)]
     extra = ast.literal_eval(extra) if isinstance(extra, str) else dict(extra or {})
     out_dir = Path(out).resolve()
-    results: dict[str, dict] = {}
-    stage1_source: Path | None = None
-    for name in names:
-        variant_configs, overrides = VARIANTS[name]
-        distils = name != "supervised_upper_bound"
-        if distils and stage1_source is not None:
-            _share_stage1(stage1_source, out_dir / name)
-        results[name] = _run(name, out_dir, str(Path(dataset_dir).resolve()), base_configs + variant_configs, {**extra, **overrides})
-        if distils and stage1_source is None:
-            stage1_source = out_dir / name
+    dataset = str(Path(dataset_dir).resolve())
+    results: dict[int, dict[str, dict]] = {}
+    for seed in range(first_seed, first_seed + seeds):
+        results[seed] = {}
+        stage1_source: Path | None = None
+        for name in names:
+            variant_configs, overrides = VARIANTS[name]
+            run_dir = out_dir / f"seed{seed}" / name
+            distils = name != SUPERVISED
+            if distils and stage1_source is not None:
+                _share_stage1(stage1_source, run_dir)
+            metrics_path = run_dir / "outputs" / "metrics.json"
+            if metrics_path.is_file():
+                results[seed][name] = json.loads(metrics_path.read_text())
+            else:
+                settings = {**extra, **overrides, "seed": seed}
+                results[seed][name] = run_training(run_dir, dataset, base_configs + variant_configs, settings)
+            if distils and stage1_source is None:
+                stage1_source = run_dir
     text = table(results)
     (out_dir / "ablation.json").write_text(json.dumps(results, indent=2))
     (out_dir / "ablation.txt").write_text(text + "\n")

@@ -81,7 +81,8 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
         assert report[model]["n_pos"] == 6 and report[model]["n_neg"] == 10
         assert 0.0 <= report[model]["f1"] <= 1.0
     assert [r["epoch"] for r in report["rounds"]] == [1, 2]
-    assert all(set(r) == {"epoch", "teacher_val_f1", "student_val_f1", "swapped"} for r in report["rounds"])
+    assert all(set(r) == {"epoch", "metric", "teacher_score", "student_score", "swapped"} for r in report["rounds"])
+    assert all(r["metric"] == "val_auc" for r in report["rounds"]) and report["selection"]["metric"] == "val_auc"
     assert report["config"]["network_width"] == TINY["network_width"] and report["config"]["swap_policy"] == "if_better"
     assert report["baselines"]["oracle_label"]["f1_neg"] == 1.0 and report["baselines"]["all_background"]["f1_pos"] == 0.0
     # pseudo-labels: NIfTI and PNG per training image, listed in the manifest

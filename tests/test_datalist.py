@@ -32,7 +32,7 @@ def test_masks_are_matched_by_stem(patch_root):
         assert by_name[stem]["label"] == 1
         assert by_name[stem]["mask"].endswith(f"gt/{stem}.png")
     assert by_name["a"]["image"].endswith("pos/a.tif")
-    assert by_name["n1"] == {"image": str(patch_root / "test/neg/n1.png"), "label": 0, "mask": None, "name": "n1"}
+    assert by_name["n1"] == {"image": str(patch_root / "test/neg/n1.png"), "label": 0, "mask": None, "name": "n1", "group": ""}
 
 
 def test_pos_without_mask_is_an_error_for_test_only(patch_root):
@@ -88,6 +88,7 @@ def test_csv_slide_list_resolves_relative_paths(slide_dir):
         "annotation": str(slide_dir / "slides/s1.xml"),
         "centre": "A",
         "name": "s1",
+        "group": "s1",
     }
     assert second["label"] == 0 and second["mask"] is None and second["annotation"] is None
 

@@ -161,7 +161,7 @@ def test_ignite_handler_publishes_the_metric_dict():
     assert engine.state.metrics["val_key"] == pytest.approx(expected["iou"])
     for key in METRIC_KEYS:
         assert engine.state.metrics[f"val_{key}"] == pytest.approx(expected[key])
-    assert engine.state.metric_details["val_key"].shape == (4, 8)  # one score row per image
+    assert engine.state.metric_details["val_key"].shape == (4, 9)  # one score row per image
     with pytest.raises(ValueError, match="key must be one of"):
         MILSegmentationHandler(key="dice")
 

@@ -92,9 +92,9 @@ def test_if_better_swaps_only_when_best_student_beats_teacher():
     teacher_start = copy.deepcopy(trainer.teacher.state_dict())
     trainer.run()
     assert handler.rounds == [
-        {"epoch": 2, "teacher_val_f1": 0.5, "student_val_f1": 0.4, "swapped": False},
-        {"epoch": 4, "teacher_val_f1": 0.5, "student_val_f1": 0.6, "swapped": True},
-        {"epoch": 6, "teacher_val_f1": 0.6, "student_val_f1": 0.7, "swapped": True},
+        {"epoch": 2, "metric": "f1", "teacher_score": 0.5, "student_score": 0.4, "swapped": False},
+        {"epoch": 4, "metric": "f1", "teacher_score": 0.5, "student_score": 0.6, "swapped": True},
+        {"epoch": 6, "metric": "f1", "teacher_score": 0.6, "student_score": 0.7, "swapped": True},
     ]
     assert handler.teacher_score == 0.7 and handler.best_student_score is None
     # last swap (epoch 6): teacher <- student validated at epoch 6, student <- teacher of epoch 4 (student of epoch 3)
@@ -108,8 +108,8 @@ def test_periodic_swaps_on_schedule_whatever_the_scores():
     handler, _ = _attach(trainer, [0.3, 0.4, 0.2, 0.1, 0.0], policy="periodic", interval=2, warmup=2)
     trainer.run()
     assert handler.rounds == [
-        {"epoch": 2, "teacher_val_f1": None, "student_val_f1": 0.4, "swapped": True},
-        {"epoch": 4, "teacher_val_f1": 0.4, "student_val_f1": 0.2, "swapped": True},
+        {"epoch": 2, "metric": "f1", "teacher_score": None, "student_score": 0.4, "swapped": True},
+        {"epoch": 4, "metric": "f1", "teacher_score": 0.4, "student_score": 0.2, "swapped": True},
     ]
 
 
@@ -130,8 +130,8 @@ def test_no_validated_student_does_not_crash():
         handler.attach(trainer)
     teacher_start = copy.deepcopy(trainer.teacher.state_dict())
     trainer.run()
-    assert if_better.rounds == [{"epoch": 1, "teacher_val_f1": 0.5, "student_val_f1": None, "swapped": False}]
-    assert periodic.rounds == [{"epoch": 1, "teacher_val_f1": None, "student_val_f1": None, "swapped": True}]
+    assert if_better.rounds == [{"epoch": 1, "metric": "score", "teacher_score": 0.5, "student_score": None, "swapped": False}]
+    assert periodic.rounds == [{"epoch": 1, "metric": "score", "teacher_score": None, "student_score": None, "swapped": True}]
     assert _equal(trainer.network.state_dict(), teacher_start)  # periodic swapped the current student in
 
 
@@ -142,7 +142,7 @@ def test_teacher_validator_scores_the_teacher_at_start():
         trainer, [0.4, 0.5], policy="if_better", interval=1, warmup=2, teacher_validator=teacher_validator
     )
     trainer.run()
-    assert handler.rounds == [{"epoch": 2, "teacher_val_f1": 0.45, "student_val_f1": 0.5, "swapped": True}]
+    assert handler.rounds == [{"epoch": 2, "metric": "f1", "teacher_score": 0.45, "student_score": 0.5, "swapped": True}]
 
 
 def test_state_dict_round_trip_continues_the_same_schedule(tmp_path):
@@ -150,7 +150,7 @@ def test_state_dict_round_trip_continues_the_same_schedule(tmp_path):
     full = _trainer(max_epochs=4)
     full_handler, full_validator = _attach(full, scores, **options)
     full.run()
-    assert full_handler.rounds == [{"epoch": 4, "teacher_val_f1": 0.5, "student_val_f1": 0.8, "swapped": True}]
+    assert full_handler.rounds == [{"epoch": 4, "metric": "f1", "teacher_score": 0.5, "student_score": 0.8, "swapped": True}]
 
     first = _trainer(max_epochs=2)
     first_handler, _ = _attach(first, scores[:2], **options)
@@ -179,3 +179,18 @@ def test_bad_configuration_raises():
         RoleSwapHandler(validator, policy="if_better")
     with pytest.raises(ValueError, match="positive"):
         RoleSwapHandler(validator, policy="periodic", interval=0)
+
+
+@pytest.mark.parametrize("margin, swapped", [(0.0, True), (0.05, True), (0.125, False), (0.25, False)])
+def test_if_better_needs_the_margin(margin, swapped):
+    """A best student 0.1 above the teacher swaps only when the margin is below 0.1."""
+    trainer = _trainer(max_epochs=2)
+    handler, _ = _attach(trainer, [0.55, 0.6], policy="if_better", interval=1, warmup=2, teacher_score=0.5, margin=margin)
+    trainer.run()
+    assert handler.rounds == [{"epoch": 2, "metric": "f1", "teacher_score": 0.5, "student_score": 0.6, "swapped": swapped}]
+
+
+def test_negative_margin_is_refused():
+    trainer = _trainer(max_epochs=1)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        RoleSwapHandler(ScriptedValidator(trainer.network, []), teacher_score=0.5, margin=-0.1)

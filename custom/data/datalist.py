@@ -16,18 +16,30 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "patch_folder_datalist", "load_slide_datalist", "split_train_val"]
+__all__ = [
+    "IMAGE_SUFFIXES", "SPLIT_MODES", "EBHI_GROUP_PATTERN", "patch_folder_datalist", "load_slide_datalist",
+    "assign_groups", "split_train_val",
+]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 _LABELS = {"0": 0, "1": 1, "normal": 0, "tumor": 1}
+SPLITS = ("train", "test")
 _SLIDE_PATH_KEYS = ("slide", "mask", "annotation")
+SPLIT_MODES = ("auto", "group", "label-stratified", "random")
+# EBHI-Seg file names start with the patient id ("GT2001837-1-400-001"); the benign lesions add a type prefix
+# ("low-grade_GT2001804-1-400-001"), which is skipped so that one patient's images form one group.
+EBHI_GROUP_PATTERN = r"^(?:[A-Za-z-]+_)?([^_-]+)-"
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
@@ -44,14 +56,18 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     return found
 
 
-def patch_folder_datalist(root: str | os.PathLike, split: str, require_masks: bool | None = None) -> list[dict]:
-    """List ``{"image", "label", "mask", "name"}`` items of one split; masks are matched to pos images by stem.
+def patch_folder_datalist(
+    root: str | os.PathLike, split: str, require_masks: bool | None = None, group_pattern: str | None = None
+) -> list[dict]:
+    """List ``{"image", "label", "mask", "name", "group"}`` items of one split; masks are matched to pos images by stem.
 
     ``require_masks`` (default: True only for the "test" split, which is scored against masks) makes a pos image
     without a gt file an error; otherwise its mask is None, as training uses only image-level labels.
     Negatives have mask None (all-zero by definition). A gt file without a pos image is warned about and ignored.
     ``name`` is the file stem, prefixed ``pos_`` / ``neg_`` when both folders hold that stem (EBHI-Seg does), so
-    names stay unique for output files.
+    names stay unique for output files. ``group`` (the patient, for validation splits that keep patients apart) is
+    the first capture group of ``group_pattern`` searched in the file stem, "" where it does not match (a string,
+    so that batches collate).
     """
     folder = Path(root) / split
     if not folder.is_dir():
@@ -74,18 +90,27 @@ def patch_folder_datalist(root: str | os.PathLike, split: str, require_masks: bo
         for s, p in pos.items()
     ]
     items += [{"image": str(p), "label": 0, "mask": None, "name": name("neg", s)} for s, p in neg.items()]
+    return assign_groups(items, group_pattern)
+
+
+def assign_groups(items: list[dict], pattern: str | None) -> list[dict]:
+    """Set each item's ``group`` from ``pattern`` over its image's file stem ("" where it does not match)."""
+    regex = re.compile(pattern) if pattern else None
+    for item in items:
+        match = regex.search(Path(item["image"]).stem) if regex else None
+        item["group"] = (match.group(1) if match.groups() else match.group(0)) if match else ""
     return items
 
 
 def _read_rows(path: Path, key: str) -> list[tuple[str, dict]]:
     """Read (row description, raw dict) pairs from a CSV or JSON list, so errors can point at the row."""
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets save a byte-order mark
             reader = csv.DictReader(f)
             return [(f"{path} line {reader.line_num}", row) for row in reader]
     if path.suffix.lower() == ".json":
         try:
-            content = json.loads(path.read_text())
+            content = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from e
         if isinstance(content, dict):
@@ -107,11 +132,20 @@ def _parse_label(value: object, where: str) -> int:
     raise ValueError(f"{where}: unknown label {value!r}; expected 0/1 or normal/tumor")
 
 
+def _parse_split(value: object, where: str) -> str:
+    """A row's split: "train" or "test" (an empty cell is "train"); a typo such as "tset" is an error, not a drop."""
+    split = str(value if value is not None else "").strip().lower() or "train"
+    if split not in SPLITS:
+        raise ValueError(f"{where}: unknown split {value!r}; expected one of {SPLITS} (empty means train)")
+    return split
+
+
 def load_slide_datalist(path: str | os.PathLike, key: str = "training") -> list[dict]:
     """Read a slide list into ``{"slide", "label", "mask", "annotation", "name", ...}`` items with absolute paths.
 
     Extra columns are kept as they are; empty ``mask`` / ``annotation`` cells become None. ``key`` picks the list of
-    a MONAI-style JSON object. ``name`` is the slide's file stem, which must be unique.
+    a MONAI-style JSON object. ``name`` is the slide's file stem, which must be unique. ``group`` (what validation
+    splits keep apart) is the ``patient`` column where it is filled, else the slide's name.
     """
     path = Path(path)
     items, names = [], {}
@@ -121,6 +155,8 @@ def load_slide_datalist(path: str | os.PathLike, key: str = "training") -> list[
             raise ValueError(f"{where}: missing column(s) {missing}")
         item = dict(row)
         item["label"] = _parse_label(row["label"], where)
+        if "split" in row:
+            item["split"] = _parse_split(row["split"], where)
         for column in _SLIDE_PATH_KEYS:
             value = row.get(column)
             if value in (None, "") and column != "slide":
@@ -136,38 +172,82 @@ def load_slide_datalist(path: str | os.PathLike, key: str = "training") -> list[
         if item["name"] in names:
             raise ValueError(f"{where}: slide name {item['name']!r} repeats {names[item['name']]}")
         names[item["name"]] = where
+        item["group"] = str(row["patient"]).strip() if str(row.get("patient") or "").strip() else item["name"]
         items.append(item)
     return items
 
 
 def split_train_val(
-    items: Sequence[dict], val_fraction: float, seed: int = 0, by: str = "label-stratified"
+    items: Sequence[dict], val_fraction: float, seed: int = 0, by: str = "auto"
 ) -> tuple[list[dict], list[dict]]:
     """Carve a validation split out of training items, reproducibly for a seed, keeping the input order in each part.
 
-    ``by="label-stratified"`` takes ``round(val_fraction * n)`` items of each label (at least one when the label has
-    two or more items and the fraction is positive, and never all of them); ``by="random"`` ignores labels.
+    ``by="group"`` keeps every ``group`` (patient or slide) on one side, so validation measures unseen patients:
+    groups are stratified by label (a group with any positive counts as positive) and drawn in a seeded order until
+    each stratum's validation part holds ``round(val_fraction * images)`` images (at least one group when the
+    stratum has two or more, never all of them). ``by="label-stratified"`` does the same per image,
+    ``by="random"`` per image ignoring labels. ``by="auto"`` (the default) groups whenever every item has a group
+    and some group holds two or more images, else splits per image. The log says how many went to each side.
     Only ever pass training items: the test split is not to be touched by model selection.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if by == "label-stratified":
-        groups: dict[object, list[int]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault(item["label"], []).append(index)
-        strata = [groups[label] for label in sorted(groups)]
-    elif by == "random":
-        strata = [list(range(len(items)))]
-    else:
-        raise ValueError(f"unknown split mode {by!r}; expected 'label-stratified' or 'random'")
+    if by not in SPLIT_MODES:
+        raise ValueError(f"unknown split mode {by!r}; expected one of {SPLIT_MODES}")
+    if by == "auto":
+        by = "group" if _groups_found(items) else "label-stratified"
+    if by == "group" and not all(item.get("group") for item in items):
+        missing = [item.get("name", item.get("image")) for item in items if not item.get("group")]
+        raise ValueError(f"split by group: {len(missing)} item(s) have no group (e.g. {missing[:3]}); check group_pattern")
+    units = _units(items, by)
     rng = np.random.default_rng(seed)
     val_indices: set[int] = set()
-    for indices in strata:
-        n_val = round(val_fraction * len(indices))
+    for stratum in _strata(items, units, by):
+        target = round(val_fraction * sum(len(units[u]) for u in stratum))
         if val_fraction > 0:
-            n_val = max(n_val, 1)
-        n_val = min(n_val, len(indices) - 1)
-        val_indices.update(int(i) for i in rng.permutation(indices)[:n_val])
+            target = max(target, 1)
+        taken = 0
+        for position, unit in enumerate(rng.permutation(len(stratum))):
+            if taken >= target or position == len(stratum) - 1:  # never the whole stratum
+                break
+            val_indices.update(units[stratum[unit]])
+            taken += len(units[stratum[unit]])
     train = [item for index, item in enumerate(items) if index not in val_indices]
     val = [item for index, item in enumerate(items) if index in val_indices]
+    _log_split(train, val, by)
     return train, val
+
+
+def _groups_found(items: Sequence[dict]) -> bool:
+    """Whether grouping means something: every item has a group and at least one group has two items."""
+    groups = [item.get("group") for item in items]
+    return bool(groups) and all(groups) and len(set(groups)) < len(groups)
+
+
+def _units(items: Sequence[dict], by: str) -> dict[object, list[int]]:
+    """What is drawn whole: item indices per group, or one index per item."""
+    units: dict[object, list[int]] = {}
+    for index, item in enumerate(items):
+        units.setdefault(item["group"] if by == "group" else index, []).append(index)
+    return units
+
+
+def _strata(items: Sequence[dict], units: dict[object, list[int]], by: str) -> list[list[object]]:
+    """Units per label stratum (a unit's label: 1 when it holds a positive), in a fixed order."""
+    if by == "random":
+        return [list(units)]
+    strata: dict[int, list[object]] = {}
+    for unit, indices in units.items():
+        strata.setdefault(max(int(items[i]["label"]) for i in indices), []).append(unit)
+    return [strata[label] for label in sorted(strata)]
+
+
+def _log_split(train: Sequence[dict], val: Sequence[dict], by: str) -> None:
+    """Say how the validation split was made, with group and label counts for each side."""
+
+    def describe(part: Sequence[dict]) -> str:
+        pos = sum(int(item["label"]) for item in part)
+        groups = f"{len({item['group'] for item in part})} groups, " if by == "group" else ""
+        return f"{groups}{len(part)} images ({pos} positive, {len(part) - pos} negative)"
+
+    logger.info(f"validation split by {by}: training {describe(train)}; validation {describe(val)}")

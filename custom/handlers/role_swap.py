@@ -24,14 +24,15 @@ POLICIES = ("if_better", "periodic", "off")
 
 class RoleSwapHandler:
     """
-    Swap teacher and student of a ``custom.engines.DistillationTrainer`` (docs/METHOD.md, dynamic role reversal).
+    Swap teacher and student of a ``custom.engines.DistillationTrainer`` (bundle/docs/README.md#method, dynamic role reversal).
 
     The handler follows the student's validation: after every run of ``validator`` (whose ``network`` is the
     trainer's student) it reads ``validator.state.metrics[score_key]`` (higher is better, F1 in the bundle) and keeps
     an in-memory deep copy of the weights whenever the score is the best since the last swap.
     At the end of epochs ``warmup, warmup + interval, ...`` it decides:
 
-    - ``"if_better"``: swap when the best student's score beats the current teacher's;
+    - ``"if_better"``: swap when the best student's score beats the current teacher's by more than ``margin``
+      (so that a validation difference within noise is not a decision);
     - ``"periodic"``: always swap (the reference code); if no student was validated since the last swap, the
       current student is swapped in with its last score (None when it was never validated), instead of the
       reference's crash on a missing best-student checkpoint (defect 4);
@@ -44,8 +45,8 @@ class RoleSwapHandler:
     becomes the swapped-in student's, the best-student record starts afresh, and
     ``DistillationEvents.ROLES_SWAPPED`` is fired on the trainer (the pseudo-label handler regenerates on it).
 
-    Every decision is appended to ``rounds`` as ``{"epoch", "teacher_val_f1", "student_val_f1", "swapped"}`` and
-    logged. ``state_dict()`` / ``load_state_dict()`` carry scores, best-student weights and rounds, so put the
+    Every decision is appended to ``rounds`` as ``{"epoch", "metric", "teacher_score", "student_score", "swapped"}``
+    (``metric`` names the validation score used) and logged. ``state_dict()`` / ``load_state_dict()`` carry scores, best-student weights and rounds, so put the
     handler in the CheckpointSaver's ``save_dict`` and a resumed run keeps the same schedule.
 
     Attach it after the ``ValidationHandler`` in ``train_handlers``, so that a decision sees that epoch's validation.
@@ -56,6 +57,7 @@ class RoleSwapHandler:
         interval: epochs between decisions (K; 30 in the reference).
         warmup: first epoch at which a decision is made (60 in the reference).
         score_key: metric name in ``validator.state.metrics``; default the validator's key metric.
+        margin: how much the best student must beat the teacher by for ``"if_better"`` to swap.
         teacher_score: validation score of the initial teacher (e.g. its stage-1 best metric).
         teacher_validator: evaluator whose ``network`` is the teacher, run once at the start when
             ``teacher_score`` is not given; ``"if_better"`` needs one of the two.
@@ -70,6 +72,7 @@ class RoleSwapHandler:
         score_key: str | None = None,
         teacher_score: float | None = None,
         teacher_validator: Engine | None = None,
+        margin: float = 0.0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
@@ -77,6 +80,9 @@ class RoleSwapHandler:
             raise ValueError(f"interval and warmup must be positive epochs, got interval={interval}, warmup={warmup}.")
         if policy == "if_better" and teacher_score is None and teacher_validator is None:
             raise ValueError('policy "if_better" needs the teacher\'s score: give teacher_score or teacher_validator.')
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}.")
+        self.margin = margin
         self.validator = validator
         self.policy = policy
         self.interval = interval
@@ -102,7 +108,7 @@ class RoleSwapHandler:
         if self.teacher_score is None:
             self.teacher_validator.run()
             self.teacher_score = self._score(self.teacher_validator)
-            self.logger.info(f"role swap: initial teacher validation score {self.teacher_score:.4f}")
+            self.logger.info(f"role swap: initial teacher validation {self.metric_name} {self.teacher_score:.4f}")
 
     def record_student(self, validator: Engine) -> None:
         """Keep a deep copy of the student's weights when its validation score is the best since the last swap."""
@@ -119,14 +125,15 @@ class RoleSwapHandler:
             return
         record = {
             "epoch": epoch,
-            "teacher_val_f1": self.teacher_score,
-            "student_val_f1": self.best_student_score,
+            "metric": self.metric_name,
+            "teacher_score": self.teacher_score,
+            "student_score": self.best_student_score,
             "swapped": self._should_swap(),
         }
         self.rounds.append(record)
         self.logger.info(
-            f"role swap at epoch {epoch} ({self.policy}): teacher score {_fmt(record['teacher_val_f1'])}, "
-            f"best student score {_fmt(record['student_val_f1'])}, swapped: {record['swapped']}"
+            f"role swap at epoch {epoch} ({self.policy}, {self.metric_name}, margin {self.margin}): teacher "
+            f"{_fmt(record['teacher_score'])}, best student {_fmt(record['student_score'])}, swapped: {record['swapped']}"
         )
         if record["swapped"]:
             self.swap(engine)
@@ -168,7 +175,12 @@ class RoleSwapHandler:
         """The policy's rule; ``if_better`` needs a validated student that beats the teacher."""
         if self.policy == "periodic":
             return True
-        return self.best_student_score is not None and self.best_student_score > self.teacher_score
+        return self.best_student_score is not None and self.best_student_score > self.teacher_score + self.margin
+
+    @property
+    def metric_name(self) -> str:
+        """The validation metric the decisions use, for the log and ``rounds``."""
+        return self.score_key or getattr(getattr(self.validator, "state", None), "key_metric_name", None) or "score"
 
     def _score(self, validator: Engine) -> float:
         """The validator's score for this handler, as a float."""

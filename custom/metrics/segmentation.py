@@ -11,7 +11,8 @@ thresholded (`>= threshold`).
 An image is positive exactly when its mask has a tumour pixel (masks may be 0/1 or 0/255). Averages run over
 all images (f1, iou), positives (f1_pos, iou_pos, hd) and negatives (f1_neg, iou_neg); a group with no
 image gives NaN. `pixel_dice` pools intersections and sizes over the whole set (1.0 if both are empty);
-`auc` is the ROC AUC of the image score (generalised mean, r = 4, of the unsmoothed fused map).
+`auc` is the ROC AUC of the image score (generalised mean, r = 4, of the unsmoothed fused map); `fp_area` the mean
+fraction of a negative image's pixels predicted tumour (the false-positive area).
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ __all__ = [
     "MILSegmentationHandler",
 ]
 
-METRIC_KEYS = ("f1", "iou", "hd", "f1_pos", "f1_neg", "iou_pos", "iou_neg", "pixel_dice", "auc", "n_pos", "n_neg")
+METRIC_KEYS = (
+    "f1", "iou", "hd", "f1_pos", "f1_neg", "iou_pos", "iou_neg", "pixel_dice", "auc", "fp_area", "n_pos", "n_neg"
+)
 
 # Columns of the per-image score rows that the metric buffers and `summarise_scores` reduces.
-LABEL, F1, IOU, HD, INTERSECTION, PRED_SIZE, TRUE_SIZE, MIL_SCORE = range(8)
+LABEL, F1, IOU, HD, INTERSECTION, PRED_SIZE, TRUE_SIZE, MIL_SCORE, N_PIXELS = range(9)
+N_COLUMNS = N_PIXELS + 1
 
 
 def binarise_mask(mask: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -60,7 +64,7 @@ def image_scores(
     threshold: float = 0.5,
     r: float = 4.0,
 ) -> torch.Tensor:
-    """One image's score row (label, f1, iou, hd, intersection, predicted and true sizes, MIL score).
+    """One image's score row (label, f1, iou, hd, intersection, predicted and true sizes, MIL score, pixels).
 
     `prob` is the fused probability map (H, W); `mask` the ground truth (H, W), 0/1 or 0/255.
     """
@@ -86,7 +90,8 @@ def image_scores(
             hd = compute_hausdorff_distance(onehot_pred[:, 1:], onehot_true[:, 1:], include_background=True).item()
     intersection = (pred & true).sum().item()
     return torch.tensor(
-        [label, f1, iou, hd, intersection, pred.sum().item(), true.sum().item(), mil_score], dtype=torch.float64
+        [label, f1, iou, hd, intersection, pred.sum().item(), true.sum().item(), mil_score, pred.numel()],
+        dtype=torch.float64,
     )
 
 
@@ -96,8 +101,8 @@ def _nanmean(values: torch.Tensor) -> float:
 
 
 def summarise_scores(rows: torch.Tensor) -> dict[str, float | int]:
-    """Reduce (N, 8) per-image score rows to the reported metrics (keys `METRIC_KEYS`)."""
-    rows = rows.to(torch.float64).reshape(-1, MIL_SCORE + 1)
+    """Reduce (N, 9) per-image score rows to the reported metrics (keys `METRIC_KEYS`)."""
+    rows = rows.to(torch.float64).reshape(-1, N_COLUMNS)
     positive = rows[:, LABEL] > 0.5
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     overlap = 2 * rows[:, INTERSECTION].sum().item()
@@ -113,6 +118,7 @@ def summarise_scores(rows: torch.Tensor) -> dict[str, float | int]:
         "iou_neg": _nanmean(rows[~positive, IOU]),
         "pixel_dice": overlap / sizes if sizes else 1.0,
         "auc": float(auc),
+        "fp_area": _nanmean(rows[~positive, PRED_SIZE] / rows[~positive, N_PIXELS]),
         "n_pos": n_pos,
         "n_neg": n_neg,
     }
@@ -142,7 +148,7 @@ def evaluate_maps(
                 f"({int(row[TRUE_SIZE])} tumour pixels); a positive image needs tumour pixels, a negative none."
             )
         rows.append(row)
-    return summarise_scores(torch.stack(rows) if rows else torch.empty(0, MIL_SCORE + 1))
+    return summarise_scores(torch.stack(rows) if rows else torch.empty(0, N_COLUMNS))
 
 
 class MILSegmentationMetric(CumulativeIterationMetric):
@@ -160,7 +166,7 @@ class MILSegmentationMetric(CumulativeIterationMetric):
         self.r = r
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Score rows (B, 8) of one batch."""
+        """Score rows (B, 9) of one batch."""
         if y is None or y_pred.ndim != 4 or y.ndim != 4 or y.shape[1] != 1:
             raise ValueError(
                 "expected y_pred (B, C, H, W) with the fused map last and y (B, 1, H, W), got "

@@ -1,0 +1,64 @@
+"""One evaluator factory for validation and model selection, so every evaluator of a run scores the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.engines import SupervisedEvaluator
+from monai.engines.utils import default_prepare_batch
+from monai.handlers import from_engine
+from monai.inferers import Inferer
+
+from custom.engines.batch import PrepareImageMask
+from custom.metrics.segmentation import MILSegmentationHandler
+from custom.metrics.selection import SELECTION_METRICS, SelectionHandler
+
+__all__ = ["selection_evaluator", "selection_key"]
+
+
+def selection_key(selection_metric: str, prefix: str = "val_") -> str:
+    """The metric name an evaluator publishes its selection score under, e.g. ``val_auc`` or ``val_mask_f1``."""
+    if selection_metric not in SELECTION_METRICS:
+        raise ValueError(f"selection_metric must be one of {SELECTION_METRICS}, got {selection_metric!r}")
+    return prefix + selection_metric
+
+
+def selection_evaluator(
+    network: torch.nn.Module,
+    data_loader: Any,
+    device: str | torch.device,
+    selection_metric: str = "auc",
+    prefix: str = "val_",
+    smooth_sigma: float | None = 3.0,
+    threshold: float = 0.5,
+    amp: bool = False,
+    inferer: Inferer | None = None,
+    val_handlers: Sequence[Any] | None = None,
+) -> SupervisedEvaluator:
+    """A ``SupervisedEvaluator`` whose key metric is ``prefix + selection_metric``.
+
+    Mask-free criteria pair each image with its image label (MONAI's default batch) and publish every mask-free
+    score; ``mask_f1`` pairs it with its pixel mask and publishes the mask metrics as ``prefix + "mask_" + key``.
+    """
+    key = selection_key(selection_metric, prefix)
+    if selection_metric == "mask_f1":
+        metric = MILSegmentationHandler(
+            key="f1", prefix=prefix + "mask_", smooth_sigma=smooth_sigma, threshold=threshold,
+            output_transform=from_engine(["pred", "label"]),
+        )
+        prepare_batch = PrepareImageMask()
+    else:
+        metric = SelectionHandler(key=selection_metric, prefix=prefix, smooth_sigma=smooth_sigma, threshold=threshold)
+        prepare_batch = default_prepare_batch
+    return SupervisedEvaluator(
+        device=device,
+        val_data_loader=data_loader,
+        network=network,
+        inferer=inferer,
+        prepare_batch=prepare_batch,
+        key_val_metric={key: metric},
+        val_handlers=list(val_handlers) if val_handlers else None,
+        amp=amp,
+    )
