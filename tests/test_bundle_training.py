@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,33 @@ def test_training_on_tiles_of_a_slide_datalist(tmp_path):
         for i in (4, 5)
     )
     assert n_test == csv_rows > 0 and report["student"]["n_pos"] > 0  # every tissue tile of the two test slides
+
+
+@pytest.fixture(scope="module")
+def labels_only_data(tiny_data, tmp_path_factory) -> Path:
+    """The tiny patch folders without train/gt: image-level labels only, the use case the bundle exists for."""
+    out = tmp_path_factory.mktemp("labels_only") / "data"
+    shutil.copytree(tiny_data / "patches", out)
+    shutil.rmtree(out / "train" / "gt")
+    return out
+
+
+def test_image_labels_only_training_selects_without_masks(labels_only_data, tmp_path):
+    log = run_bundle(tmp_path, labels_only_data, swap_margin=0.05)
+    assert "selection by auc" in log and "validation split by" in log
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["selection"] == {"metric": "val_auc", "swap_margin": 0.05}
+    assert report["config"]["selection_metric"] == "auc" and report["config"]["swap_margin"] == 0.05
+    for r in report["rounds"]:  # every decision follows the margin rule on the mask-free score
+        assert r["metric"] == "val_auc"
+        assert r["swapped"] == (r["student_score"] is not None and r["student_score"] > r["teacher_score"] + 0.05)
+    assert "role swap at epoch 1 (if_better, val_auc, margin 0.05)" in log
+
+
+def test_mask_f1_without_masks_stops_before_training(labels_only_data, tmp_path):
+    result = subprocess.run(
+        bundle_command(tmp_path, labels_only_data, selection_metric="mask_f1"), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    assert "selection_metric 'mask_f1' needs a pixel mask for every positive image, but 1 of 1 have none" in result.stderr
+    assert not list((tmp_path / "models").glob("stage1_checkpoint_epoch=*.pt"))  # nothing was trained
