@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from custom.report import distilled_model, select_final_model
+from custom.report import distilled_model, select_final_model, subset_metrics
 
 
 def _state(value: float) -> dict:
@@ -33,3 +33,36 @@ def test_distilled_and_shipped_models(best_score, teacher_score, swapped, distil
     )
     for chosen, (source, weight) in ((distilled_model(teacher, role_swap), distilled), (select_final_model(teacher, role_swap), shipped)):
         assert chosen[1] == source and chosen[0]["w"].item() == weight
+
+
+@pytest.mark.parametrize(
+    "best_score, teacher_score, margin, shipped",
+    [
+        (0.79, 0.80, 0.0, "stage-1 MIL teacher"),  # no margin: the higher validation score wins
+        (0.79, 0.80, 0.02, "best student"),  # within the margin the distilled student is preferred
+        (0.77, 0.80, 0.02, "stage-1 MIL teacher"),  # the teacher is better by more than the margin
+    ],
+)
+def test_final_model_prefers_the_student_within_the_margin(best_score, teacher_score, margin, shipped):
+    teacher = torch.nn.Module()
+    teacher.register_buffer("w", torch.ones(1))
+    role_swap = SimpleNamespace(best_student_state=_state(0.0), best_student_score=best_score, teacher_score=teacher_score, rounds=[])
+    assert select_final_model(teacher, role_swap, margin)[1] == shipped
+
+
+def test_subset_metrics_split_negatives_by_name():
+    # rows as image_scores makes them: label, f1, iou, hd, intersection, pred size, true size, mil score, pixels
+    rows = torch.tensor([
+        [1, 0.8, 0.7, 3.0, 40, 50, 50, 0.9, 100],  # GT1 positive
+        [0, 0.5, 0.4, float("nan"), 0, 50, 0, 0.6, 100],  # GT2 normal negative, half predicted
+        [0, 1.0, 1.0, float("nan"), 0, 0, 0, 0.1, 100],  # polyp_GT3, clean
+        [0, 0.0, 0.0, float("nan"), 0, 100, 0, 0.9, 100],  # low-grade_GT4, all predicted
+    ], dtype=torch.float64)
+    names = ["GT1-1", "GT2-1", "polyp_GT3-1", "low-grade_GT4-1"]
+    subsets = subset_metrics(rows, names, {"benign": "^(polyp|low-grade)_", "rest": ""})
+    assert subsets["benign"]["n_neg"] == 2 and subsets["benign"]["n_pos"] == 0
+    assert subsets["benign"]["fp_area"] == pytest.approx(0.5) and subsets["benign"]["f1_neg"] == pytest.approx(0.5)
+    assert subsets["rest"]["n_pos"] == 1 and subsets["rest"]["fp_area"] == pytest.approx(0.5)
+    assert subset_metrics(rows, names, {"none": "^zzz"}) == {}  # a subset without images is left out
+    with pytest.raises(ValueError, match="4 score rows but 3 image names"):
+        subset_metrics(rows, names[:3], {"rest": ""})
