@@ -120,8 +120,10 @@ def table(results: dict[int, dict[str, dict]]) -> str:
     the better of the two on test."""
     rows = rows_per_seed(results)
     extra = sorted({k for per_seed in rows.values() for m in per_seed for k in m if k.startswith(("fp_area[", "f1_neg["))})
+    if len({k.split("[")[1] for k in extra}) < 2:  # one subset repeats the whole test split
+        extra = []
     columns = [*COLUMNS, *extra]
-    width = max(16, *(len(c) + 2 for c in columns))
+    width = max(17, *(len(c) + 2 for c in columns))
     lines = [f"{len(results)} seed(s): {sorted(results)}", f"{'':<36}" + "".join(f"{c:>{width}}" for c in columns)]
     for name, per_seed in rows.items():
         lines.append(f"{name:<36}" + "".join(f"{_cell([m.get(c, math.nan) for m in per_seed]):>{width}}" for c in columns))

@@ -170,7 +170,8 @@ def test_evaluate_config_writes_eval_metrics(tiny_data, tmp_path):
         ckpt_path=str(tmp_path / "models" / "teacher_best.pt"), output_dir=str(tmp_path / "eval"),
     )
     metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
-    assert set(metrics) == set(METRIC_KEYS) and metrics["n_pos"] == 6 and metrics["n_neg"] == 10
+    assert set(metrics) == {*METRIC_KEYS, "subsets"} and metrics["n_pos"] == 6 and metrics["n_neg"] == 10
+    assert list(metrics["subsets"]) == ["rest"] and metrics["subsets"]["rest"]["f1"] == pytest.approx(metrics["f1"])
     baselines = json.loads((tmp_path / "eval" / "eval_baselines.json").read_text())
     assert baselines["all_background"]["f1"] == pytest.approx(10 / 16)  # F1 1 on the 10 negatives, 0 on 6 positives
     assert "baseline: oracle_label" in log
