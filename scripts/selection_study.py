@@ -9,7 +9,7 @@ selects (its first maximum, as the bundle's savers keep) minus the best test F1 
 
     python scripts/selection_study.py --dataset_dir ../shared/data/ebhi-seg --out runs/study-seg
 
-The training is skipped when ``out`` already holds the finished run (a rerun only rescores).
+The training is skipped when ``out`` already holds the finished run (a rerun only rescores), or with ``--train False``.
 """
 
 from __future__ import annotations
@@ -104,14 +104,17 @@ def main(
     out: str,
     configs: str | tuple = ("cpu.json",),
     extra: str | dict | None = None,
+    train: bool = True,
 ) -> None:
-    """Train once with every epoch's weights kept (unless ``out`` holds the finished run), score, print the table."""
+    """Train once with every epoch's weights kept (unless ``out`` holds the finished run), score, print the table.
+
+    ``--train False`` scores the weights already kept (e.g. stage 1 only, of a run stopped in stage 2)."""
     out_dir = Path(out).resolve()
     base_configs = [c.strip() for c in (configs.split(",") if isinstance(configs, str) else configs)]
     extra = ast.literal_eval(extra) if isinstance(extra, str) else dict(extra or {})
     overrides = {**extra, "keep_epoch_weights": True}
     dataset_dir = str(Path(dataset_dir).resolve())
-    if not (out_dir / "outputs" / "metrics.json").is_file():
+    if train and not (out_dir / "outputs" / "metrics.json").is_file():
         run_training(out_dir, dataset_dir, base_configs, overrides)
     parser = _parser(dataset_dir, out_dir, base_configs, overrides)
     device = parser.get_parsed_content("device")
