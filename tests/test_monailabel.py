@@ -9,6 +9,7 @@ read with tifffile (an independent reader), thresholded as the bundle does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -147,22 +148,46 @@ class Server:
         return self.process.returncode
 
 
+DECOYS = ("victim", "victim.png", "x.png", "y", "site/victim", "site/victim.png", "site/x.png", "site/labels/final/x.png")
+"""Files around the studies folder (``root/site/studies``) where a traversing id or tag would land."""
+
+
+def _decoys(root: Path) -> None:
+    """Write the decoy files (and the served weights, ``root/model.pt``, are in the tree too)."""
+    for name in DECOYS:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(f"decoy {name}".encode())
+
+
+def _tree(root: Path, skip: Path) -> dict[str, str]:
+    """Every path under ``root`` but ``skip``, with the SHA-256 of each file ('dir' for folders)."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        if path == skip or skip in path.parents:
+            continue
+        tree[str(path.relative_to(root))] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return tree
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Studies (one pyramidal slide, one PNG), the probe model, and a running server; stopped even on failure."""
+    """Studies (one pyramidal slide, one PNG) amid decoy files, the probe model, and a running server; stopped even
+    on failure."""
     tmp = tmp_path_factory.mktemp("monailabel")
-    studies = tmp / "studies"
-    studies.mkdir()
+    root = tmp / "root"
+    studies = root / "site" / "studies"
+    studies.mkdir(parents=True)
+    _decoys(root)
     pixels = _slide_pixels()
     write_pyramid(studies / "slide_a.tif", pixels, levels=3, tile=256)
     imsave(studies / "patch_b.png", pixels[300:556, 500:756], check_contrast=False)
     (tmp / "outside.png").write_bytes((studies / "patch_b.png").read_bytes())
     network = _probe_network()
-    torch.save(network.state_dict(), tmp / "model.pt")
-    server = Server(tmp, studies, tmp / "model.pt")
+    torch.save(network.state_dict(), root / "model.pt")
+    server = Server(tmp, studies, root / "model.pt")
     try:
         info = server.wait_ready()
-        yield {"server": server, "info": info, "network": network, "studies": studies, "tmp": tmp}
+        yield {"server": server, "info": info, "network": network, "studies": studies, "tmp": tmp, "root": root}
     finally:
         server.stop()
 
@@ -241,6 +266,31 @@ def test_region_at_level_1_is_placed_in_level_0_pixels(setup):
     assert _iou(mask, reference) > 0.95
 
 
+def test_region_not_a_multiple_of_the_tile_size_is_served(setup):
+    location, size = (200, 100), (300, 300)  # level 1: tiles of 256 and of the 44 pixels left, both ways
+    tiles = _region(setup, location, size, tile_size=(256, 256), level=1, output="json")
+    assert tiles.status_code == 200, tiles.text
+    assert [(a["annotation"]["location"], a["annotation"]["size"]) for a in tiles.json()["annotations"]] == [
+        ([200, 100], [256, 256]), ([712, 100], [44, 256]), ([200, 612], [256, 44]), ([712, 612], [44, 44])]
+    response = _region(setup, location, size, tile_size=(256, 256), level=1)
+    assert response.status_code == 200, response.text
+    (x, y), (w, h) = location, size  # the network's map of the level-1 pixels, shown at level 0
+    pixels = tifffile.imread(setup["studies"] / "slide_a.tif", key=1)[y // 2 : y // 2 + h, x // 2 : x // 2 + w]
+    reference = _direct_mask(setup["network"], pixels).repeat(2, axis=0).repeat(2, axis=1)
+    assert 0.2 < reference.mean() < 0.9 and reference[512:, 512:].all()  # the 44 x 44 corner tile is all tumour
+    assert _iou(_rasterise(_dsa_contours(response), location, reference.shape), reference) > 0.95
+
+
+def test_region_past_the_slide_edge_is_clipped_and_served(setup):
+    location, size = (1000, 0), (1100, 512)  # the slide is 2048 wide: 1048 columns are left, the last tile is 24
+    response = _region(setup, location, size, tile_size=(512, 512))
+    assert response.status_code == 200, response.text
+    assert response.json()["name"].endswith("for [1000, 0, 1048, 512]")
+    reference = _reference(setup, location, (1048, 512))
+    assert 0.2 < reference.mean() < 0.9
+    assert _iou(_rasterise(_dsa_contours(response), location, reference.shape), reference) > 0.95
+
+
 def test_eight_concurrent_regions_are_all_right(setup):
     locations = [(100 + 200 * i, 150 + 100 * (i % 4)) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
@@ -277,20 +327,144 @@ def test_bad_regions_get_a_400_with_a_reason(setup, wsi, reason):
     assert reason in response.json()["detail"]
 
 
-@pytest.mark.parametrize("image", ["../outside", "../outside.png", "/etc/passwd", "slide_a/../../outside"])
-def test_images_outside_the_studies_are_refused(setup, image):
-    outside = str(setup["tmp"] / "outside.png") if image == "../outside.png" else image
+@pytest.mark.parametrize("image", ["../outside", "../outside.png", "/etc/passwd", "slide_a/../../outside", "listed"])
+def test_images_outside_the_studies_or_named_by_path_are_refused(setup, image):
+    paths = {"../outside.png": setup["tmp"] / "outside.png", "listed": setup["studies"] / "patch_b.png"}
+    outside = str(paths.get(image, image))
     for endpoint, form in (("infer/tumour", {}), ("infer/wsi_v2/tumour", {"wsi": json.dumps({"size": [64, 64]})})):
         response = httpx.post(f"{setup['server'].url}/{endpoint}", params={"image": outside}, data=form, timeout=60)
-        assert 400 <= response.status_code < 500, (endpoint, response.text)
+        assert response.status_code == 400, (endpoint, response.text)
+        assert response.json()["detail"].startswith("'image' must be a plain name of the studies folder (no path)")
     smuggled = httpx.post(f"{setup['server'].url}/infer/tumour", params={"image": "patch_b"},
-                          data={"params": json.dumps({"image": str(setup["tmp"] / "outside.png")})}, timeout=60)
-    assert smuggled.status_code == 404 and "not an image of the studies folder" in smuggled.json()["detail"]
+                          data={"params": json.dumps({"image": outside})}, timeout=60)
+    assert smuggled.status_code == 400 and "holds a path separator" in smuggled.json()["detail"]
 
 
 def test_whole_slide_on_plain_2d_endpoint_is_refused(setup):
     response = httpx.post(f"{setup['server'].url}/infer/tumour", params={"image": "slide_a"}, timeout=60)
     assert response.status_code == 400 and "/infer/wsi_v2" in response.json()["detail"]
+
+
+NAME = "must be a plain name of the studies folder (no path)"
+
+
+def _hostile_requests(setup: dict) -> list[tuple[str, str, dict, int, str]]:
+    """(method, route, httpx keywords, status, a phrase of the reason) of traversing and malformed requests."""
+    png = (setup["studies"] / "patch_b.png").read_bytes()
+    listed = str(setup["studies"] / "patch_b.png")
+
+    def upload(image, name="v.png", **kw):
+        return dict(params={"image": image} if image is not None else {}, files={"file": (name, png)}, **kw)
+
+    def label(image, tag):
+        return dict(params={"image": image, "tag": tag}, files={"label": ("l.png", png)})
+
+    def wsi(text, image="slide_a"):
+        return dict(params={"image": image}, data={"wsi": text})
+
+    def infer(image="patch_b", params=None, **kw):
+        return dict(params=params or ({"image": image} if image is not None else {}), **kw)
+
+    return [
+        ("PUT", "/datastore/", upload("../victim"), 400, f"'image' {NAME}: '../victim' holds a path separator"),
+        ("PUT", "/datastore/image", upload("../victim"), 400, "holds a path separator"),
+        ("PUT", "/datastore/image", upload("../../x"), 400, "holds a path separator"),
+        ("PUT", "/datastore/image", upload(str(setup["root"] / "x")), 400, "holds a path separator"),
+        ("PUT", "/datastore/image", upload("..\\victim"), 400, "holds a path separator"),
+        ("PUT", "/datastore/image", upload(".."), 400, "starts with '.'"),
+        ("PUT", "/datastore/image", upload(".lock"), 400, "starts with '.'"),
+        ("PUT", "/datastore/image", upload("slide\x00a"), 400, "holds a null byte"),
+        ("PUT", "/datastore/image", upload("a\nb"), 400, "holds a control character"),
+        ("PUT", "/datastore/image", upload("a\u202eb"), 400, "holds a control character"),
+        ("PUT", "/datastore/image", upload("x" * 300), 400, "longer than 200"),
+        ("PUT", "/datastore/image", upload("datastore_v2", "v.json"), 400, "'file' must be a file with one of"),
+        ("PUT", "/datastore/image", upload("ok", data={"params": "{not json"}), 400, "'params' is not valid JSON"),
+        ("PUT", "/datastore/image", upload("ok", data={"params": "[1]"}), 400, "'params' must be a JSON object"),
+        ("DELETE", "/datastore/", dict(params={"id": "../victim"}), 400, f"'id' {NAME}"),
+        ("DELETE", "/datastore/image", dict(params={"id": "../../x"}), 400, "holds a path separator"),
+        ("DELETE", "/datastore/image", dict(params={"id": "victim"}), 404, "not an image of the studies folder"),
+        ("PUT", "/datastore/label", label("slide_a", "../../../y"), 400, f"'tag' {NAME}"),
+        ("PUT", "/datastore/label", label("slide_a", ".."), 400, "starts with '.'"),
+        ("PUT", "/datastore/label", label("slide_a", "/tmp"), 400, "holds a path separator"),
+        ("PUT", "/datastore/label", label("../victim", "final"), 400, f"'image' {NAME}"),
+        ("PUT", "/datastore/label", label("victim", "final"), 404, "not an image of the studies folder"),
+        ("DELETE", "/datastore/label", dict(params={"id": "../x", "tag": "final"}), 400, f"'id' {NAME}"),
+        ("DELETE", "/datastore/label", dict(params={"id": "x", "tag": "../../labels/final"}), 400, f"'tag' {NAME}"),
+        ("GET", "/datastore/image", dict(params={"image": "../victim"}), 400, f"'image' {NAME}"),
+        ("GET", "/datastore/label", dict(params={"label": "../x", "tag": "final"}), 400, f"'label' {NAME}"),
+        ("PUT", "/datastore/image/info", dict(params={"image": "../victim"}, data={"info": "{}"}), 400, NAME),
+        ("PUT", "/datastore/image/info", dict(params={"image": "slide_a"}, data={"info": "NaN"}), 400,
+         "'info' is not valid JSON: NaN is not a JSON number"),
+        ("PUT", "/datastore/image/info", dict(params={"image": "victim"}, data={"info": "{}"}), 404, "not an image"),
+        ("PUT", "/datastore/label/info", dict(params={"label": "slide_a", "tag": "../y"}, data={"info": "{}"}), 400,
+         f"'tag' {NAME}"),
+        ("PUT", "/datastore/label/info", dict(params={"label": "slide_a", "tag": "final"}, data={"info": "{}"}), 404,
+         "no label 'slide_a' with tag 'final'"),
+        ("GET", "/datastore/dataset", {}, 404, "there is nothing to archive"),
+        ("PUT", "/model/tumour", dict(files={"file": ("m.pt", b"not weights")}), 403, "does not replace the weights"),
+        ("DELETE", "/model/tumour", {}, 403, "does not delete the weights"),
+        ("PUT", "/session/", dict(files={"files": ("s.png", png)}), 403, "sessions are not used"),
+        ("POST", "/train/tumour", {}, 403, "does not train over HTTP"),
+        ("POST", "/batch/infer/tumour", {}, 403, "batch inference is not served"),
+        ("GET", "/proxy/dicom/x", {}, 404, "no DICOMweb server"),
+        ("POST", "/activelearning/first", {}, 404, "no strategy 'first'"),
+        ("POST", "/infer/tumour", infer("../victim"), 400, f"'image' {NAME}"),
+        ("POST", "/infer/tumour", infer(listed), 400, f"'image' {NAME}"),
+        ("POST", "/infer/tumour", infer(data={"params": json.dumps({"image": listed})}), 400, NAME),
+        ("POST", "/infer/tumour", infer(data={"params": "[]"}), 400, "'params' must be a JSON object"),
+        ("POST", "/infer/tumour", infer(data={"params": json.dumps({"model": "x"})}), 404, "no model 'x'"),
+        ("POST", "/infer/tumour", infer(None), 400, "'image' is required"),
+        ("POST", "/infer/tumour", infer(files={"file": ("u.png", png)}), 400, "uploads are not inferred"),
+        ("POST", "/infer/tumour", infer(params={"session_id": "s1"}), 400, "sessions are not used"),
+        ("POST", "/infer/other", infer(), 404, "no model 'other'"),
+        ("POST", "/infer/tumour", infer(params={"image": "patch_b", "output": "dicom_seg"}), 400, "dicom_seg"),
+        ("POST", "/infer/wsi_v2/tumour", wsi("{not json"), 400, "'wsi' is not valid JSON"),
+        ("POST", "/infer/wsi_v2/tumour", wsi("[0, 0]"), 400, "'wsi' must be a JSON object"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"location": [0.5, 0], "size": [256, 256]}'), 400,
+         "'wsi.location' must be two integers"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"location": [0, 0], "size": [256.0, 256]}'), 400, "'wsi.size'"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"location": [NaN, 0], "size": [256, 256]}'), 400,
+         "NaN is not a JSON number"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"location": [0, 0], "size": [1e308, 256]}'), 400, "'wsi.size'"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"location": [0, 0], "size": [1e400, 256]}'), 400, "not a finite"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"location": [0, 0], "size": [256, 256], "level": 1.5}'), 400,
+         "'wsi.level' must be an integer"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"location": [0, 99999999999], "size": [256, 256]}'), 400,
+         "'wsi.location'"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"size": [256, 256], "params": [1]}'), 400, "'wsi.params' must be"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"size": [256, 256], "params": {"size": [1e308, 1]}}'), 400,
+         "larger than the limit"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"size": [64, 64]}', "slide_a\x00"), 400, "holds a null byte"),
+        ("POST", "/infer/wsi_v2/tumour", wsi('{"size": [64, 64], "params": {"image": "../../victim"}}'), 400, NAME),
+    ]
+
+
+def test_hostile_requests_get_a_4xx_and_touch_nothing_outside_the_studies(setup):
+    url, root, studies = setup["server"].url, setup["root"], setup["studies"]
+    before, names_before = _tree(root, studies), sorted(p.name for p in setup["tmp"].iterdir())
+    studies_before = sorted(p.name for p in studies.iterdir())
+    requests = _hostile_requests(setup)
+    assert len(requests) >= 30
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for method, route, kwargs, status, reason in requests:
+            response = client.request(method, route, **kwargs)
+            assert response.status_code == status, (method, route, kwargs, response.text)
+            assert reason in response.json()["detail"], (method, route, kwargs, response.text)
+        assert _tree(root, studies) == before
+        assert sorted(p.name for p in setup["tmp"].iterdir()) == names_before
+        assert sorted(p.name for p in studies.iterdir()) == studies_before
+        datastore = client.get("/datastore/", params={"output": "all"}).json()
+        assert sorted(datastore["objects"]) == ["patch_b", "slide_a"]
+        assert all(not obj["labels"] for obj in datastore["objects"].values())
+        # the server still serves: a region, and an upload that stays a study of the folder until it is deleted
+        assert _region(setup, (300, 0), (512, 512)).status_code == 200
+        png = (studies / "patch_b.png").read_bytes()
+        added = client.put("/datastore/image", params={"image": "added"}, files={"file": ("a.png", png)})
+        assert added.status_code == 200 and added.json() == {"image": "added"}
+        assert (studies / "added.png").read_bytes() == png
+        assert client.request("DELETE", "/datastore/image", params={"id": "added"}).status_code == 200
+        assert not (studies / "added.png").exists()
+    assert _tree(root, studies) == before
 
 
 def test_server_stops_and_exits(setup):
@@ -300,3 +474,35 @@ def test_server_stops_and_exits(setup):
     assert server.process.poll() is not None
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/info/", timeout=2)
+
+
+def test_datastore_drops_entries_an_unconfined_server_left_and_refuses_paths(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))
+    from fastapi import HTTPException
+    from lib import StudiesDatastore
+
+    studies = tmp_path / "site" / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    imsave(studies / "a.png", np.zeros((8, 8, 3), np.uint8), check_contrast=False)
+    (tmp_path / "site" / "victim.png").write_bytes(b"victim")
+    stale = {"ext": ".png", "info": {}}
+    listing = {"name": "s", "description": "", "images_dir": ".", "labels_dir": "labels", "objects": {
+        "a": {"image": stale, "labels": {"../../y": stale, "final": stale}}, "../victim": {"image": stale}}}
+    (studies / "datastore_v2.json").write_text(json.dumps(listing))
+    (studies / "labels" / "final" / "a.png").write_bytes(b"label")
+    datastore = StudiesDatastore(str(studies), extensions=["*.png"])
+    assert datastore.list_images() == ["a"]
+    assert list(datastore.json()["objects"]["a"]["labels"]) == ["final"]
+    assert "../victim" not in json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    for call, key in ((lambda: datastore.remove_image("../victim"), "image"),
+                      (lambda: datastore.get_image_uri("../victim"), "image"),
+                      (lambda: datastore.remove_label("a", "../../y"), "tag"),
+                      (lambda: datastore.save_label("a", str(studies / "a.png"), "..", {}), "tag"),
+                      (lambda: datastore.add_image("../victim", str(studies / "a.png"), {}), "image")):
+        with pytest.raises(HTTPException) as refused:
+            call()
+        assert refused.value.status_code == 400 and refused.value.detail.startswith(f"'{key}' must be a plain name")
+    with pytest.raises(HTTPException) as unknown:
+        datastore.update_image_info("victim", {})
+    assert unknown.value.status_code == 404
+    assert (tmp_path / "site" / "victim.png").read_bytes() == b"victim"

@@ -14,8 +14,11 @@ Start it (see ``bundle/docs/monailabel.md``)::
 * ``ckpt_path``: the weights; default the config's ``ckpt_path`` (``bundle/models/model.pt``).
 * ``max_region_px``: the largest region a request may ask for, in pixels at its level.
 
-Every request is checked first (``lib.request_checks``): only images the datastore lists are read, and a region must
-lie on the slide and stay within the pixel and tile budget; otherwise the client gets a 4xx with the reason.
+Every request is checked first: its fields and ids before MONAI Label's route runs (``lib.guard``), every datastore
+operation again by the datastore (``lib.datastore``: ids and tags are plain names, so nothing outside the studies
+folder is written, read or deleted), and an inference request by the app (``lib.request_checks``): only images the
+datastore lists are read, by id, and a region must lie on the slide and stay within the pixel and tile budget.
+Otherwise the client gets a 4xx with the reason.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from pathlib import Path
 
 import custom
 from fastapi import HTTPException
-from lib import MAX_REGION_PIXELS, Region, TumourSegmentation, check_region, studies_image
+from lib import (MAX_REGION_PIXELS, Region, StudiesDatastore, TumourSegmentation, check_region, install_guard,
+                 studies_image)
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from custom.data.slide import SlideReadError, open_slide
@@ -47,6 +53,16 @@ class TumourSegmentationApp(MONAILabelApp):
         self.max_region_px = int(conf.get("max_region_px", MAX_REGION_PIXELS))
         super().__init__(app_dir, studies, conf, name="wsl-histo-seg",
                          description="Weakly supervised tumour segmentation of H&E slides (MONAI bundle)")
+        if not install_guard({"model": self._infers, "strategy": self._strategies}):
+            logger.info("no MONAI Label server in this process: requests are checked by the app and datastore only")
+
+    def init_datastore(self) -> Datastore:
+        """MONAI Label's local datastore confined to the studies folder (a remote one, e.g. DSA, as MONAI Label's)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return StudiesDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def init_infers(self) -> dict[str, InferTask]:
         """The bundle's model under the configured name."""
@@ -61,16 +77,18 @@ class TumourSegmentationApp(MONAILabelApp):
         return super().info() | {"pathology": True}
 
     def infer(self, request: dict, datastore=None) -> dict:
-        """2D inference of a studies image; a region request is checked the way ``infer_wsi`` checks it."""
+        """2D inference of a studies image; a region (one tile of ``infer_wsi``, or a client's) is checked as one."""
+        self._check_model(request)
         request = dict(request, image=studies_image(datastore or self.datastore(), request.get("image")))
         if "location" in request or "size" in request:
-            self._check_region(request)
+            self._check_region({k: v for k, v in request.items() if k != "tile_size"})
         elif Path(request["image"]).suffix.lower() not in PLAIN_SUFFIXES:
             raise HTTPException(400, f"{Path(request['image']).name} is a slide: ask /infer/wsi_v2 for a region")
         return super().infer(request, datastore)
 
     def infer_wsi(self, request: dict, datastore=None) -> dict:
         """Region inference of a studies slide, split into the checked tiles (MONAI Label runs one task per tile)."""
+        self._check_model(request)
         request = dict(request, image=studies_image(datastore or self.datastore(), request.get("image")))
         region = self._check_region(request)
         # One network on one device (the bundle's): MONAI Label's default of spreading tiles over every GPU would
@@ -79,6 +97,11 @@ class TumourSegmentationApp(MONAILabelApp):
         request.update(level=region.level, location=list(region.location_xy), size=list(region.size_wh),
                        wsi_tiles=region.tiles, multi_gpu=False, device=device)
         return super().infer_wsi(request, datastore)
+
+    def _check_model(self, request: dict) -> None:
+        """A 404 for a model this app does not serve (a ``params`` field can rename it; MONAI Label answers a 500)."""
+        if request.get("model") not in self._infers:
+            raise HTTPException(404, f"no model {request.get('model')!r}; this server serves {sorted(self._infers)}")
 
     def _check_region(self, request: dict) -> Region:
         """The checked region of ``request`` on its image (a 400 if the file cannot be read as a slide)."""

@@ -2,7 +2,8 @@
 """Checks of client requests before any pixel is read: which image, which region, how many tiles.
 
 MONAI Label itself reads any existing path a client names (``image`` or ``params.image``) and hands any region to
-the task. Here an image must be one the datastore lists (an image of the studies folder), and a region must be
+the task. Here an image must be named by an id the datastore lists (an image of the studies folder; a path, even
+one of a listed image, is refused), every id or tag is one plain name (``check_name``), and a region must be
 non-empty, start on the slide, and stay under a pixel and tile budget; anything else is an HTTP 4xx with a reason.
 
 Coordinates: ``location`` is LEVEL-0 ``(x, y)``; ``size`` and ``tile_size`` are ``(width, height)`` AT ``level``
@@ -12,15 +13,20 @@ Coordinates: ``location`` is LEVEL-0 ``(x, y)``; ``size`` and ``tile_size`` are 
 from __future__ import annotations
 
 import math
-import os
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 
-__all__ = ["MAX_REGION_PIXELS", "MAX_TILES", "MIN_TILE", "Region", "studies_image", "check_region"]
+__all__ = ["MAX_NAME_CHARS", "MAX_REGION_PIXELS", "MAX_TILES", "MIN_TILE", "Region", "StudiesFile", "check_name",
+           "name_problem", "studies_image", "check_region"]
+
+MAX_NAME_CHARS = 200
+"""Longest id or tag (a file or folder name of at most 255 bytes once MONAI Label adds the extension)."""
 
 MAX_REGION_PIXELS = 4096 * 4096
 """Largest region, in pixels at its level (a 2048 x 2048 region takes a few seconds on a 2-core CPU)."""
@@ -30,15 +36,51 @@ MIN_TILE = 64
 """Smallest accepted ``tile_size`` side."""
 
 
-def studies_image(datastore: Datastore, image: Any) -> str:
-    """The file of ``image``, a datastore image id or the path of a listed image; anything else is a 404."""
+def name_problem(value: str) -> str:
+    """Why ``value`` cannot be one file or folder name inside the studies folder, or '' when it can."""
+    if not value:
+        return "is empty"
+    if len(value) > MAX_NAME_CHARS:
+        return f"is longer than {MAX_NAME_CHARS} characters"
+    if "\x00" in value:
+        return "holds a null byte"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in value):
+        return "holds a control character"
+    if "/" in value or "\\" in value:
+        return "holds a path separator"
+    if value.startswith("."):
+        return "starts with '.' (so '..' and hidden files are refused)"
+    return ""
+
+
+def check_name(value: Any, key: str) -> str:
+    """``value`` if it is one plain name (an image id, a label id or a tag), else a 400 naming ``key`` and why:
+    MONAI Label joins ids and tags to the studies folder as they come, so ``../x`` would reach outside it."""
+    if not isinstance(value, str):
+        raise HTTPException(400, f"'{key}' must be a name of the studies folder, got {value!r}")
+    problem = name_problem(value)
+    if problem:
+        raise HTTPException(400, f"'{key}' must be a plain name of the studies folder (no path): {value!r} {problem}")
+    return value
+
+
+class StudiesFile(str):
+    """The file of a listed image as this app resolved it. MONAI Label hands it on to the tile requests of a region
+    (deep copies keep the type); a client's JSON cannot make one, so a client cannot name an image by its path."""
+
+
+def studies_image(datastore: Datastore, image: Any) -> StudiesFile:
+    """The file of ``image``, an image id the datastore lists (or a file this app resolved); anything else is a 4xx."""
+    if isinstance(image, StudiesFile):
+        if image in {datastore.get_image_uri(i) for i in datastore.list_images()}:
+            return image
+        raise HTTPException(404, f"image {Path(image).name!r} is no longer an image of the studies folder")
     if not isinstance(image, str) or not image:
         raise HTTPException(400, f"'image' must be an image id of the studies folder, got {image!r}")
-    listed = {datastore.get_image_uri(i): i for i in datastore.list_images()}
-    uri = datastore.get_image_uri(image) if image in listed.values() else os.path.realpath(image)
-    if uri not in listed:
+    check_name(image, "image")
+    if image not in datastore.list_images():
         raise HTTPException(404, f"image {image!r} is not an image of the studies folder")
-    return uri
+    return StudiesFile(datastore.get_image_uri(image))
 
 
 def _pair(request: dict, key: str) -> tuple[int, int]:
@@ -72,12 +114,17 @@ def check_region(
     max_pixels: int = MAX_REGION_PIXELS,
     max_tiles: int = MAX_TILES,
 ) -> Region:
-    """Validate ``level``, ``location``, ``size`` and ``tile_size`` against the slide; clip the region to it."""
+    """Validate ``level``, ``location``, ``size`` and ``tile_size`` against the slide; clip the region to it.
+
+    The region is split into tiles of ``tile_size`` from its origin; the last column and row of tiles keep what is
+    left of the clipped region, however small (only the requested ``tile_size`` must be at least ``MIN_TILE``).
+    """
     level = request.get("level", 0)
     if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < len(level_dimensions):
         raise HTTPException(400, f"'level' must be an integer in [0, {len(level_dimensions) - 1}], got {level!r}")
     (x, y), (width, height) = _pair(request, "location"), _pair(request, "size")
-    tile_w, tile_h = _pair(request, "tile_size") if "tile_size" in request else (width, height)
+    tiled = "tile_size" in request  # a client's split of the region; one region (a tile of it) has none
+    tile_w, tile_h = _pair(request, "tile_size") if tiled else (width, height)
     level0_w, level0_h = level_dimensions[0]
     if not (0 <= x < level0_w and 0 <= y < level0_h):
         raise HTTPException(400, f"'location' {(x, y)} must lie on the slide, level 0 is {level0_w} x {level0_h}")
@@ -85,7 +132,7 @@ def check_region(
         raise HTTPException(400, f"'size' must be positive, got {(width, height)}")
     if width * height > max_pixels:
         raise HTTPException(400, f"region {width} x {height} is larger than the limit of {max_pixels} pixels")
-    if min(tile_w, tile_h) < MIN_TILE:
+    if tiled and min(tile_w, tile_h) < MIN_TILE:
         raise HTTPException(400, f"'tile_size' must be at least {MIN_TILE}, got {(tile_w, tile_h)}")
     ds = float(level_downsamples[level])
     level_w, level_h = level_dimensions[level]

@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from scipy import ndimage
 from shapely.geometry import Polygon
 from skimage.io import imsave
 
+from custom.data.morphology import drop_small_pieces, fill_small_holes
 from custom.data.slide import open_slide
 from custom.data.tissue import ASSUMED_LEVEL0_MPP
 from custom.inference import PlainImage, load_checkpoint, mask_polygons
@@ -142,12 +144,21 @@ class TumourSegmentation(InferTask):
         mask = self.mask(self.probabilities(image))
         inferred = time.perf_counter()
         min_area_px = max(float(request.get("min_poly_area") or 0), self.min_area_um2 / mpp**2)
-        polygons = mask_polygons(mask, downsample, min_area_px)
+        polygons = mask_polygons(_clean_tile(mask, min_area_px / downsample**2), downsample)
         elements = _elements(polygons, location_xy)
         done = time.perf_counter()
         annotation = {"location": list(location_xy), "size": list(size_wh), "elements": elements,
                       "labels": {e["label"]: LABEL_COLORS[e["label"]] for e in elements}}
         return {"annotation": annotation, "latencies": _latencies(start, read, inferred, done)}
+
+
+def _clean_tile(mask: np.ndarray, min_pixels: float) -> np.ndarray:
+    """Pieces and holes under ``min_pixels`` removed, except those touching the tile's edge: they are parts of a region
+    that the tiling cut (a last tile of 44 pixels would otherwise lose its whole share of a tumour)."""
+    labels, _ = ndimage.label(mask)
+    cut = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    kept = drop_small_pieces(mask, min_pixels) | np.isin(labels, cut[cut > 0])
+    return fill_small_holes(kept, min_pixels, fill_border=False)
 
 
 def _read_region(path: str, location_xy: Sequence[int], size_wh: Sequence[int], level: int) -> tuple:
