@@ -154,7 +154,7 @@ def _teacher_origin(role_swap: RoleSwapHandler) -> str:
 
 
 def curves_from_loggers(
-    loggers: Mapping[str, tuple[MetricLogger, int]], metrics: Sequence[str] = ("val_auc",)
+    loggers: Mapping[str, tuple[MetricLogger, int]], metrics: Sequence[str] = ("val_area_contrast",)
 ) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Per-epoch training loss and validation ``metrics`` of each stage; a stage's epochs continue the previous ones."""
     loss: dict[str, list[tuple[float, float]]] = {}
@@ -200,7 +200,7 @@ def finish_training(
     loggers: Mapping[str, tuple[MetricLogger, int]],
     config: Mapping[str, Any],
     device: str | torch.device,
-    selection_key: str = "val_auc",
+    selection_key: str = "val_area_contrast",
     swap_margin: float = 0.0,
     test_subsets: Mapping[str, str] | None = None,
     amp: bool = False,
@@ -214,7 +214,7 @@ def finish_training(
 
     ``test_display`` holds the test items without normalisation (image in [0, 1], mask, label, name), index-aligned
     with ``test_loader.dataset``, for the pictures and the baselines. ``selection_key`` names the validation score
-    that selected the models (e.g. ``val_auc``); ``test_subsets`` splits the test table by image name.
+    that selected the models (e.g. ``val_area_contrast``); ``test_subsets`` splits the test table by image name.
     """
     output_dir, ckpt_dir = Path(output_dir), Path(ckpt_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
         assert 0.0 <= report[model]["f1"] <= 1.0
     assert [r["epoch"] for r in report["rounds"]] == [1, 2]
     assert all(set(r) == {"epoch", "metric", "teacher_score", "student_score", "swapped"} for r in report["rounds"])
-    assert all(r["metric"] == "val_auc" for r in report["rounds"]) and report["selection"]["metric"] == "val_auc"
+    assert all(r["metric"] == "val_area_contrast" for r in report["rounds"]) and report["selection"]["metric"] == "val_area_contrast"
     assert report["config"]["network_width"] == TINY["network_width"] and report["config"]["swap_policy"] == "if_better"
     assert report["baselines"]["oracle_label"]["f1_neg"] == 1.0 and report["baselines"]["all_background"]["f1_pos"] == 0.0
     # pseudo-labels: NIfTI and PNG per training image, listed in the manifest
@@ -207,14 +207,14 @@ def labels_only_data(tiny_data, tmp_path_factory) -> Path:
 
 def test_image_labels_only_training_selects_without_masks(labels_only_data, tmp_path):
     log = run_bundle(tmp_path, labels_only_data, swap_margin=0.05)
-    assert "selection by auc" in log and "validation split by" in log
+    assert "selection by area_contrast" in log and "validation split by" in log
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert report["selection"] == {"metric": "val_auc", "swap_margin": 0.05}
-    assert report["config"]["selection_metric"] == "auc" and report["config"]["swap_margin"] == 0.05
+    assert report["selection"] == {"metric": "val_area_contrast", "swap_margin": 0.05}
+    assert report["config"]["selection_metric"] == "area_contrast" and report["config"]["swap_margin"] == 0.05
     for r in report["rounds"]:  # every decision follows the margin rule on the mask-free score
-        assert r["metric"] == "val_auc"
+        assert r["metric"] == "val_area_contrast"
         assert r["swapped"] == (r["student_score"] is not None and r["student_score"] > r["teacher_score"] + 0.05)
-    assert "role swap at epoch 1 (if_better, val_auc, margin 0.05)" in log
+    assert "role swap at epoch 1 (if_better, val_area_contrast, margin 0.05)" in log
 
 
 def test_mask_f1_without_masks_stops_before_training(labels_only_data, tmp_path):

@@ -29,7 +29,7 @@ def selection_evaluator(
     network: torch.nn.Module,
     data_loader: Any,
     device: str | torch.device,
-    selection_metric: str = "auc",
+    selection_metric: str = "area_contrast",
     prefix: str = "val_",
     smooth_sigma: float | None = 3.0,
     threshold: float = 0.5,

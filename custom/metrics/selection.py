@@ -156,7 +156,7 @@ class SelectionHandler(IgniteMetricHandler):
 
     def __init__(
         self,
-        key: str = "auc",
+        key: str = "area_contrast",
         prefix: str = "",
         smooth_sigma: float | None = 3.0,
         threshold: float = 0.5,
