@@ -11,6 +11,7 @@ tensor) and ``"level"``; their ``"label"`` is the slide's.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,23 @@ class PatchFolderDataset(CacheDataset):
         extra = ensure_tuple(transform) if transform is not None else ()
         chain = Compose([*patch_transforms(image_size, resize_mode), *extra]).flatten()
         super().__init__(data, transform=chain, cache_rate=cache_rate, num_workers=num_workers, progress=False)
+
+    def _fill_cache(self, indices: Sequence[int] | None = None) -> list:
+        """MONAI's cache fill, except that a failing item waits for the pool's threads before it propagates.
+
+        MONAI's ``with ThreadPool(...)`` only terminates the pool on an exception, and a thread still decoding the
+        next item when the interpreter exits aborts it from inside torch (``terminate called without an active
+        exception``, exit 134) right after the clear message about the bad file.
+        """
+        if self.cache_num <= 0:
+            return []
+        indices = list(range(self.cache_num)) if indices is None else indices
+        pool = ThreadPool(self.num_workers)
+        try:
+            return list(pool.imap(self._load_cache_item, indices))
+        finally:
+            pool.terminate()
+            pool.join()
 
 
 class LoadTiled(MapTransform):

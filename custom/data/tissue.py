@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+from scipy import ndimage
 from shapely.affinity import affine_transform
 from shapely.geometry import Polygon, mapping
 from skimage.filters import threshold_otsu
@@ -46,6 +47,8 @@ class TissueMask:
     downsample: float
     threshold: float
     thumbnail: np.ndarray | None = field(default=None, repr=False)
+    empty_reason: str = ""
+    """Why the mask is empty, when it is ('' otherwise): no tissue at all, or only pieces under ``min_area_um2``."""
 
     def fraction(self) -> float:
         """Fraction of the slide covered by tissue."""
@@ -154,12 +157,25 @@ def detect_tissue(
     pixel_um2 = (base_mpp * downsample) ** 2
     tissue = (saturation > used) & usable
     del saturation, usable
-    mask = closing(tissue, disk(2))
-    mask = fill_small_holes(mask, int(max_hole_um2 / pixel_um2))
+    found = closing(tissue, disk(2))
+    mask = fill_small_holes(found, int(max_hole_um2 / pixel_um2))
     mask = drop_small_pieces(mask, int(min_area_um2 / pixel_um2))
-    if not mask.any():
-        warnings.warn(f"no tissue found in {slide.path} (saturation threshold {used:.3f})", stacklevel=2)
-    return TissueMask(mask=mask, downsample=downsample, threshold=used, thumbnail=thumbnail)
+    reason = "" if mask.any() else _empty_reason(slide.path, found, pixel_um2, min_area_um2, used)
+    if reason:
+        warnings.warn(reason, stacklevel=2)
+    return TissueMask(mask=mask, downsample=downsample, threshold=used, thumbnail=thumbnail, empty_reason=reason)
+
+
+def _empty_reason(path: str, found: np.ndarray, pixel_um2: float, min_area_um2: float, threshold: float) -> str:
+    """What left the tissue mask of ``path`` empty: nothing above the saturation threshold, or only pieces too small
+    to keep (the tissue of a small image is real, and "no tissue found" would misreport it)."""
+    if not found.any():
+        return f"no tissue found in {path} (saturation threshold {threshold:.3f})"
+    largest = float(np.bincount(ndimage.label(found)[0].ravel())[1:].max()) * pixel_um2
+    return (f"tissue found in {path} ({found.sum() * pixel_um2:.0f} um2), but only in pieces smaller than the "
+            f"tissue detection's min_area_um2 of {min_area_um2:g} um2 (the largest is {largest:.0f} um2, the whole "
+            f"image {found.size * pixel_um2:.0f} um2), so none is kept; for images this small, lower it with the "
+            "inferer's tissue_kwargs={'min_area_um2': ...}")
 
 
 def save_tissue_png(

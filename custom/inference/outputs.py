@@ -23,6 +23,7 @@ Plain images get ``<name>_mask.png`` (0/255), ``<name>_prob.nii.gz`` (float32 ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -174,6 +175,15 @@ class PyramidStreamer:
             self.futures[kind] = self.pool.submit(write_pyramid, self.folder / f"{self.name}_{kind}.tif", tiles, shape,
                                                   1, mpp, downsample="mean" if kind == "prob" else None)
 
+    def discard(self) -> None:
+        """Wait for the writing threads and remove the pyramids they wrote: a slide whose inference failed must not
+        leave TIFFs that look complete (the threads finish them from a raster that stopped filling)."""
+        for kind, future in self.futures.items():
+            with contextlib.suppress(Exception):  # the inference error is the one to report
+                future.result()
+            (self.folder / f"{self.name}_{kind}.tif").unlink(missing_ok=True)
+        self.pool.shutdown()
+
     def result(self) -> dict[str, Path]:
         """The written pyramids (an empty dict if none were started), once all are complete."""
         try:
@@ -255,7 +265,7 @@ def write_slide_outputs(
         "slide": prediction.source,
         "name": name,
         "tissue_found": bool(prediction.n_tiles),
-        "message": "ok" if prediction.n_tiles else "no tissue found: nothing was inferred, the mask is empty",
+        "message": _message(prediction),
         "n_tiles": prediction.n_tiles,
         "level": prediction.level,
         "downsample": ds,
@@ -278,6 +288,21 @@ def write_slide_outputs(
     }
     summary_path(output_dir, name).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _message(prediction: SlidePrediction) -> str:
+    """"ok", or why no tile of the slide was run: no tissue, tissue only in pieces too small to keep, or too little
+    of it in any tile."""
+    tissue = prediction.tissue
+    if prediction.n_tiles:
+        return "ok"
+    if tissue is not None and tissue.empty_reason:
+        reason = tissue.empty_reason
+    elif tissue is not None and tissue.mask.any():
+        reason = "tissue found, but no tile holds the inferer's min_tissue fraction of it"
+    else:
+        reason = "no tissue found"
+    return f"{reason}: nothing was inferred, the mask is empty"
 
 
 def write_image_outputs(

@@ -9,16 +9,18 @@ written last), records a slide that fails (file name and error) and goes on with
 
 from __future__ import annotations
 
-import contextlib
+import glob
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from custom.checkpoints import UnreadableCheckpoint
 from custom.data.datalist import load_slide_datalist
 from custom.data.slide import BACKENDS, open_slide
 from custom.inference.outputs import (
@@ -66,18 +68,30 @@ def inference_items(source: str | os.PathLike | Sequence) -> list[dict]:
     plain images, sorted), one slide or image file, or a list of paths or of datalist dicts (``slide`` key).
     """
     if isinstance(source, (list, tuple)):
-        return [_listed(entry) for entry in source]
+        return _unique_names([_listed(entry) for entry in source])
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES + PLAIN_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"input folder {path} holds no slide {SLIDE_SUFFIXES} or image {PLAIN_SUFFIXES}")
-        return [_item(p) for p in files]
+        return _unique_names([_item(p) for p in files])
     if path.suffix.lower() in (".csv", ".json"):
-        return [_listed(row) for row in load_slide_datalist(path)]
+        return _unique_names([_listed(row) for row in load_slide_datalist(path)])
     if not path.is_file():
         raise FileNotFoundError(f"inference input not found: {path} (config key 'input')")
     return [_item(path)]
+
+
+def _unique_names(items: list[dict]) -> list[dict]:
+    """``items``, refused when two share a name (``x.tif`` and ``x.png``): both would write ``<output_dir>/x/``, and
+    the second would be skipped as already done."""
+    seen: dict[str, str] = {}
+    for item in items:
+        if item["name"] in seen:
+            raise ValueError(f"inputs {seen[item['name']]} and {item['path']} have the same name {item['name']!r}: "
+                             f"their outputs would both go to {item['name']}/ (config key 'input'); rename one")
+        seen[item["name"]] = item["path"]
+    return items
 
 
 def load_checkpoint(network: torch.nn.Module, ckpt_path: str | os.PathLike | None) -> torch.nn.Module:
@@ -89,7 +103,10 @@ def load_checkpoint(network: torch.nn.Module, ckpt_path: str | os.PathLike | Non
             f"no trained model at {ckpt_path} (config key 'ckpt_path'): train one with bundle/configs/train.json, "
             "or set ckpt_path to a state_dict of 'network_def'"
         )
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch's zip reader and unpicklers raise many types for one problem
+        raise UnreadableCheckpoint(ckpt_path, err, "config key 'ckpt_path'") from None
     problem = _state_mismatch(network, state)
     if problem:  # checked before loading: a refused checkpoint leaves the network as it was
         raise ValueError(
@@ -113,6 +130,22 @@ def _state_mismatch(network: torch.nn.Module, state: object) -> str:
              for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch", shapes))
              if keys]
     return "; ".join(parts)
+
+
+def remove_scratch(folder: Path, name: str) -> list[Path]:
+    """Remove the hidden scratch that a killed inference of ``name`` left in its folder (the raw probability raster,
+    the pyramid writers' ``.raw`` folders and ``.partial`` TIFFs), which would otherwise stay there for good."""
+    stem = glob.escape(f".{name}")
+    stale = [*folder.glob(f"{stem}.prob.raw"), *folder.glob(f"{stem}_*.tif.partial"),
+             *(p for p in folder.glob(f"{stem}_*.tif.*") if p.is_dir())]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    if stale:
+        logger.warning("removed the scratch of an interrupted run: %s", ", ".join(str(p) for p in stale))
+    return stale
 
 
 def _check_writable(folder: Path) -> None:
@@ -169,9 +202,11 @@ class SlideInferenceRunner:
         self.backends, self.overwrite, self.raise_on_failure = tuple(backends), overwrite, raise_on_failure
 
     def infer_item(self, item: dict) -> dict:
-        """Infer one slide or image and write its outputs; the scratch raster is removed afterwards."""
+        """Infer one slide or image and write its outputs; the scratch raster is removed afterwards, and what a killed
+        run of the same item left is removed first."""
         folder = self.output_dir / item["name"]
         folder.mkdir(parents=True, exist_ok=True)
+        remove_scratch(folder, item["name"])
         raster = folder / f".{item['name']}.prob.raw"
         try:
             if item["kind"] == "image":
@@ -183,8 +218,8 @@ class SlideInferenceRunner:
                 with open_slide(item["path"], self.backends) as slide:
                     prediction = self.inferer(slide, self.network, raster, self.preprocessing, on_start=streamer.start)
             except BaseException:
-                with contextlib.suppress(Exception):  # the threads read the raster: stop them before it is removed
-                    streamer.result()
+                streamer.discard()  # the threads read the raster: stop them before it is removed
+                summary_path(self.output_dir, item["name"]).unlink(missing_ok=True)  # redone by the next run
                 raise
             return write_slide_outputs(prediction, self.output_dir, item["name"], self.threshold, self.min_area_um2,
                                        self.simplify_px, self.top_k, pyramids=streamer, outputs=self.outputs)
