@@ -506,3 +506,18 @@ def test_datastore_drops_entries_an_unconfined_server_left_and_refuses_paths(tmp
         datastore.update_image_info("victim", {})
     assert unknown.value.status_code == 404
     assert (tmp_path / "site" / "victim.png").read_bytes() == b"victim"
+
+
+def test_scratch_of_a_killed_server_is_removed_at_start_and_a_live_ones_kept(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))
+    from lib.tumour_infer import SCRATCH_PREFIX, remove_stale_scratch
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = tmp_path / f"{SCRATCH_PREFIX}{int(gone.stdout)}-abc", tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-def"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "prob.raw").write_bytes(b"\0" * 4096)
+    other = tmp_path / "monailabel-notours"
+    other.mkdir()
+    assert remove_stale_scratch(tmp_path) == [dead]
+    assert not dead.exists() and (live / "prob.raw").exists() and other.exists()

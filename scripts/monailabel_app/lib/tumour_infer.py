@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,14 +43,41 @@ from custom.inference.outputs import threshold_cut
 from custom.inference.runner import PLAIN_SUFFIXES
 from custom.inference.stitch import read_raster_rows
 
-__all__ = ["LABELS", "LABEL_COLORS", "TumourSegmentation"]
+__all__ = ["LABELS", "LABEL_COLORS", "SCRATCH_PREFIX", "TumourSegmentation", "remove_stale_scratch"]
 
 logger = logging.getLogger(__name__)
 
+SCRATCH_PREFIX = "wsl-monailabel-"
+"""Prefix of a request's scratch folder in the temporary folder, followed by the server's process id."""
 LABELS = {"tumour": 1}
 """Label values of the 2D mask; whole-slide answers also carry ``exclusion`` contours (holes of a tumour)."""
 LABEL_COLORS = {"tumour": [255, 0, 0], "exclusion": [0, 255, 0]}
 """Display colours (RGB), the colours of ``custom.writers.asap_xml.ASAP_GROUPS``."""
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_scratch(root: str | os.PathLike | None = None) -> list[Path]:
+    """Remove the scratch folders that servers killed in the middle of a request left (their process is gone); those
+    of running servers stay. ``root`` is the temporary folder by default."""
+    stale = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = path.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            stale.append(path)
+    if stale:
+        logger.warning("removed the scratch of stopped servers: %s", ", ".join(map(str, stale)))
+    return stale
 
 
 def parse_bundle(bundle_root: Path, config_files: Sequence[str]) -> ConfigParser:
@@ -78,6 +106,7 @@ class TumourSegmentation(InferTask):
         self, bundle_root: str | os.PathLike, config_files: Sequence[str] = ("inference.json",),
         ckpt_path: str | os.PathLike | None = None,
     ) -> None:
+        remove_stale_scratch()
         parser = parse_bundle(Path(bundle_root), config_files)
         self.ckpt_path = os.fspath(ckpt_path or parser.get_parsed_content("ckpt_path"))
         self.device = torch.device(parser.get_parsed_content("device"))
@@ -107,7 +136,7 @@ class TumourSegmentation(InferTask):
 
     def probabilities(self, image: PlainImage) -> np.ndarray:
         """The bundle's sliding-window probability map of ``image`` as uint8 (probability x 255), ``(rows, cols)``."""
-        with tempfile.TemporaryDirectory(prefix="monailabel-") as scratch:
+        with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
             prediction = self.inferer(image, self.network, Path(scratch) / "prob.raw", self.preprocessing,
                                       plain_image=True)
             return read_raster_rows(prediction.raster, prediction.shape_hw, 0, prediction.shape_hw[0])
