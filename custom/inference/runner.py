@@ -1,10 +1,12 @@
 # Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
 """Inference over a list of slides and images: checkpoint loading, resume, per-slide failures, a run summary.
 
-This is the ``evaluator`` of ``bundle/configs/inference.json``: ``run()`` checks that the output folder is writable
-and that the checkpoint fits the network BEFORE any slide is read, skips slides whose summary JSON exists (it is
-written last), records a slide that fails (file name and error) and goes on with the others, and writes
-``run_summary.json`` listing what was done, skipped and failed.
+This is the ``evaluator`` of ``bundle/configs/inference.json``: ``run()`` checks that the output folder is writable,
+that no two inputs share a name (``x.tif`` and ``x.png`` would write one folder) and that the checkpoint can be read
+and fits the network BEFORE any slide is read, skips slides whose summary JSON exists (it is written last), records
+a slide that fails (file name and error; its partial outputs are removed) and goes on with the others, and writes
+``run_summary.json`` listing what was done, skipped and failed. The hidden scratch a killed run left in a slide's
+folder is removed when that slide is inferred again.
 """
 
 from __future__ import annotations

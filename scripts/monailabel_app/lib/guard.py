@@ -37,7 +37,7 @@ JSON_FORM_KEYS = ("params", "info")
 WSI_INTS, WSI_PAIRS = ("level", "min_poly_area"), ("location", "size", "tile_size")
 """Fields of the ``wsi`` form that MONAI Label's ``WSIInput`` types as an int and as a sequence of ints."""
 MAX_INT = 2**31 - 1
-"""Largest integer accepted in ``wsi`` (MONAI Label's pydantic model fails on larger ones with a 500)."""
+"""Largest integer accepted in ``wsi``: far past any slide, and a bound that MONAI Label's pydantic model parses."""
 REFUSED = (
     ("PUT", "/model/", 403, "this server does not replace the weights it serves: retrain, then restart it"),
     ("DELETE", "/model/", 403, "this server does not delete the weights it serves"),
