@@ -57,6 +57,19 @@ def binarise_mask(mask: np.ndarray | torch.Tensor) -> np.ndarray:
     return mask > (127.5 if mask.max(initial=0) > 1 else 0.5)
 
 
+def predicted_mask(prob: np.ndarray, smooth_sigma: float | None = 3.0, threshold: float = 0.5) -> np.ndarray:
+    """The protocol's tumour prediction of a fused map: optional Gaussian smoothing, then ``>= threshold``."""
+    smoothed = gaussian_filter(prob, sigma=smooth_sigma) if smooth_sigma else prob
+    return smoothed >= threshold
+
+
+def publish_metrics(engine: Engine, name: str, summary: dict, prefix: str, key: str) -> None:
+    """Every value of ``summary`` as ``prefix + k`` and the ranking value ``summary[key]`` under ``name``."""
+    for k, value in summary.items():
+        engine.state.metrics[prefix + k] = value
+    engine.state.metrics[name] = summary[key]
+
+
 def image_scores(
     prob: np.ndarray | torch.Tensor,
     mask: np.ndarray | torch.Tensor,
@@ -73,8 +86,7 @@ def image_scores(
     if prob.ndim != 2 or prob.shape != truth.shape:
         raise ValueError(f"expected a (H, W) map and a mask of the same shape, got {prob.shape} and {truth.shape}.")
     mil_score = gm_pool(torch.from_numpy(prob), r).item()
-    smoothed = gaussian_filter(prob, sigma=smooth_sigma) if smooth_sigma else prob
-    pred = torch.from_numpy(smoothed >= threshold)
+    pred = torch.from_numpy(predicted_mask(prob, smooth_sigma, threshold))
     true = torch.from_numpy(truth)
     label = int(true.any())
     onehot_pred = torch.stack([~pred, pred])[None].float()  # (1, 2, H, W): background, tumour
@@ -207,7 +219,4 @@ class MILSegmentationHandler(IgniteMetricHandler):
 
     def completed(self, engine: Engine, name: str) -> None:
         """Publish the ranking value under `name` and the whole metric dict under prefixed keys."""
-        summary = self.compute()
-        for key, value in summary.items():
-            engine.state.metrics[self.prefix + key] = value
-        engine.state.metrics[name] = summary[self.key]
+        publish_metrics(engine, name, self.compute(), self.prefix, self.key)

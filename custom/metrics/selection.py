@@ -30,9 +30,8 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import CumulativeIterationMetric, compute_roc_auc
-from scipy.ndimage import gaussian_filter
-
 from custom.losses.mil import gm_pool
+from custom.metrics.segmentation import predicted_mask, publish_metrics
 
 __all__ = [
     "MASK_FREE_METRICS",
@@ -82,8 +81,7 @@ def selection_rows(
     rows = []
     for index, (prob, label) in enumerate(zip(maps, labels)):
         score = gm_pool(torch.from_numpy(prob), r).item()
-        smoothed = gaussian_filter(prob, sigma=smooth_sigma) if smooth_sigma else prob
-        area = float((smoothed >= threshold).mean())
+        area = float(predicted_mask(prob, smooth_sigma, threshold).mean())
         consistency = math.nan if transformed_maps is None else _soft_dice(prob, transformed_maps[index])
         rows.append([float(label > 0.5), score, area, consistency])
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, CONSISTENCY + 1)
@@ -196,7 +194,6 @@ class SelectionHandler(IgniteMetricHandler):
     def completed(self, engine: Engine, name: str) -> None:
         """Publish the ranking criterion under ``name`` and every value under prefixed keys."""
         summary = self.compute()
-        for key, value in summary.items():
-            if key == self.key or not (isinstance(value, float) and math.isnan(value) and key == "flip_consistency"):
-                engine.state.metrics[self.prefix + key] = value
-        engine.state.metrics[name] = summary[self.key]
+        if not self.consistency:  # not computed: not published as NaN
+            summary.pop("flip_consistency")
+        publish_metrics(engine, name, summary, self.prefix, self.key)
