@@ -11,9 +11,9 @@ Coordinate conventions at this boundary:
 
 Reading goes straight to the object that ``WSIReader.read`` returned (``CuImage``, ``OpenSlide`` or
 ``TiffFile``): ``get_data`` copies every patch again (``np.take`` to drop alpha: a third of cuCIM's time per
-256 px tile, profiled) and re-validates the level on every call, which made it 2-2.5x slower than the direct
-call for cuCIM and about 1.6x for OpenSlide in ``scripts/bench_read.py``; MONAI's tifffile backend decodes the
-whole level for every patch, so this module decodes only the TIFF tiles a region touches.
+256 px tile, profiled) and re-validates the level on every call (the cost is measured by ``scripts/bench_read.py``;
+figures in bundle/docs/README.md, "Slide reading"); MONAI's tifffile backend decodes the whole level for every
+patch, so this module decodes only the TIFF tiles a region touches.
 """
 
 from __future__ import annotations
