@@ -85,6 +85,13 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
     assert all(set(r) == {"epoch", "metric", "teacher_score", "student_score", "swapped"} for r in report["rounds"])
     assert all(r["metric"] == "val_area_contrast" for r in report["rounds"]) and report["selection"]["metric"] == "val_area_contrast"
     assert report["config"]["network_width"] == TINY["network_width"] and report["config"]["swap_policy"] == "if_better"
+    # the whole resolved configuration: every knob the run read, whichever file or override set it, and the
+    # networks and losses (mpp is read by slides.json alone)
+    assert {"weight_decay", "val_fraction", "resize_mode", "distill_augment", "amp", "dataset_dir"} <= set(report["config"])
+    assert "mpp" not in report["config"]
+    assert report["config"]["learning_rate"] == 0.001 and report["config"]["amp"] is False
+    assert report["modules"]["train::loss"] == "custom.losses.mil.MILPoolingLoss"
+    assert report["modules"]["network_def"] == "custom.networks.dws_mil.DWSMIL"
     assert report["baselines"]["oracle_label"]["f1_neg"] == 1.0 and report["baselines"]["all_background"]["f1_pos"] == 0.0
     # pseudo-labels: NIfTI and PNG per training image, listed in the manifest
     pseudo = out / "pseudo_labels"
@@ -186,6 +193,7 @@ def test_training_on_tiles_of_a_slide_datalist(tmp_path):
         stage1_epochs=1, stage2_epochs=1, mpp=1.0, val_fraction=0.3,
     )
     report = json.loads((tmp_path / "run" / "out" / "metrics.json").read_text())
+    assert report["config"]["mpp"] == 1.0 and report["config"]["min_tissue"] == 0.5  # slides.json's knobs recorded too
     grids = sorted(p.name for p in (tmp_path / "run" / "out" / "tile_grids").glob("*.csv"))
     assert grids == [f"slide_00{i}_level1_tile64_overlap0.csv" for i in range(6)]  # 1.0 um/px = level 1
     n_test = report["student"]["n_pos"] + report["student"]["n_neg"]

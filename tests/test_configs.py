@@ -54,6 +54,13 @@ def test_training_workflow_properties(tmp_path):
     assert workflow.check_properties() == []
 
 
+def test_multi_gpu_wraps_the_report_step():
+    """multi_gpu_train.json replaces the last step of train.json's run, which must be the report."""
+    run = ConfigParser.load_config_file(CONFIGS / "train.json")["run"]
+    assert run[-1] == "$@report.write()"
+    assert f"run#{len(run) - 1}" in ConfigParser.load_config_file(CONFIGS / "multi_gpu_train.json")
+
+
 def test_a_misspelt_reference_is_caught():
     """The check above can fail: a config whose reference points nowhere."""
     parser = ConfigParser({"a": 1, "b": "@c"})
