@@ -44,7 +44,7 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-def bundle_command(run_dir: Path, data: Path, configs=("train.json", "cpu.json"), run_id: str = "training", **overrides) -> list[str]:
+def bundle_command(run_dir: Path, data: Path, configs=("train.json", "cpu_train.json"), run_id: str = "training", **overrides) -> list[str]:
     """The README's training command with the tiny overrides and this run's folders."""
     files = json.dumps([str(CONFIGS / c) for c in configs])
     args = {**TINY, "dataset_dir": str(data), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "out"), **overrides}
@@ -173,7 +173,7 @@ def test_killed_stage2_resumes_with_same_teacher_and_schedule(tiny_data, tmp_pat
 def test_evaluate_config_writes_eval_metrics(tiny_data, tmp_path):
     run_bundle(tmp_path, tiny_data, stage1_epochs=1, stage2_epochs=0)
     log = run_bundle(
-        tmp_path, tiny_data, configs=("train.json", "cpu.json", "evaluate.json"), run_id="run",
+        tmp_path, tiny_data, configs=("train.json", "cpu_train.json", "evaluate.json"), run_id="run",
         ckpt_path=str(tmp_path / "models" / "teacher_best.pt"), output_dir=str(tmp_path / "eval"),
     )
     metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
@@ -189,7 +189,7 @@ def test_training_on_tiles_of_a_slide_datalist(tmp_path):
     data = tmp_path / "slides"
     generate_dataset(data, SyntheticSpec(n_slides=6, size=1024, patches_per_slide=1, patch_size=64, test_fraction=0.34))
     run_bundle(
-        tmp_path / "run", data, configs=("train.json", "cpu.json", "slides.json"),
+        tmp_path / "run", data, configs=("train.json", "cpu_train.json", "slides.json"),
         stage1_epochs=1, stage2_epochs=1, mpp=1.0, val_fraction=0.3,
     )
     report = json.loads((tmp_path / "run" / "out" / "metrics.json").read_text())
