@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.bundle.utils import ID_SEP_KEY
 from monai.engines import SupervisedEvaluator
-from monai.handlers import MetricLogger, from_engine
+from monai.handlers import MetricLogger
 
-from custom.engines.batch import PrepareImageMask
+from custom.engines.evaluation import selection_evaluator, selection_key
 from custom.handlers.role_swap import RoleSwapHandler
-from custom.metrics import METRIC_KEYS, MILSegmentationHandler, evaluate_baselines
+from custom.metrics import METRIC_KEYS, evaluate_baselines
 from custom.metrics.segmentation import summarise_scores
 from custom.writers.figures import plot_curves, plot_overlays
 
@@ -29,12 +30,19 @@ __all__ = [
     "dataset_baselines",
     "select_final_model",
     "curves_from_loggers",
+    "TrainingReport",
+    "resolved_knobs",
+    "resolved_modules",
     "finish_training",
     "write_eval_metrics",
     "format_table",
 ]
 
 logger = logging.getLogger(__name__)
+
+EVAL_PREFIX = "eval_"
+# where selection_evaluator(selection_metric="mask_f1") publishes the mask metrics of its prefix
+MASK_PREFIX = EVAL_PREFIX + "mask_"
 
 
 def evaluate_network(
@@ -46,21 +54,18 @@ def evaluate_network(
     threshold: float = 0.5,
     subsets: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The ``eval_metrics.json`` fields of one network on a loader of image + mask batches, via a MONAI evaluator;
+    """The ``eval_metrics.json`` fields of one network on a loader of image + mask batches, scored by the bundle's
+    one evaluator factory (``custom.engines.selection_evaluator`` with the mask metrics, as ``evaluate.json``);
     with ``subsets`` also ``"subsets"``: the same fields per subset of the images (see ``subset_metrics``)."""
-    handler = MILSegmentationHandler(
-        key="f1", prefix="eval_", smooth_sigma=smooth_sigma, threshold=threshold,
-        output_transform=from_engine(["pred", "label"]),
-    )
-    evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=data_loader, network=network, prepare_batch=PrepareImageMask(),
-        key_val_metric={"f1": handler}, amp=amp,
+    evaluator = selection_evaluator(
+        network, data_loader, device, selection_metric="mask_f1", prefix=EVAL_PREFIX, smooth_sigma=smooth_sigma,
+        threshold=threshold, amp=amp,
     )
     evaluator.run()
-    metrics: dict[str, Any] = {key: _plain(evaluator.state.metrics[f"eval_{key}"]) for key in METRIC_KEYS}
+    metrics: dict[str, Any] = {key: _plain(evaluator.state.metrics[MASK_PREFIX + key]) for key in METRIC_KEYS}
     if subsets:
         names = [str(item["name"]) for item in getattr(data_loader.dataset, "data", [])]
-        metrics["subsets"] = subset_metrics(handler.metric_fn.get_buffer(), names, subsets)
+        metrics["subsets"] = subset_metrics(evaluator.state.metric_details[MASK_PREFIX + "f1"], names, subsets)
     return metrics
 
 
@@ -187,6 +192,118 @@ def format_table(results: Mapping[str, Mapping[str, float | int]], keys: Sequenc
     return "\n".join(rows)
 
 
+class TrainingReport:
+    """The end of a training run as one configured object: ``write()`` saves ``model.pt``, evaluates the stage-1
+    teacher and the distilled student on the test split and writes ``metrics.json``, ``training_curves.png`` and
+    ``overlays.png`` (see :func:`finish_training`, which it calls with these arguments).
+
+    Args:
+        output_dir: folder of the report files.
+        ckpt_dir: folder of ``model.pt``.
+        stage1_teacher: a network holding the stage-1 best teacher's weights (the teacher changes in stage 2).
+        teacher: stage 2's teacher at the end of the run.
+        student: stage 2's student; loaded with the distilled model before it is evaluated.
+        role_swap: stage 2's ``RoleSwapHandler`` (its rounds and best student).
+        test_loader: batches of the test split (image, mask, label, name), normalised.
+        test_display: the same items in [0, 1], index-aligned with ``test_loader.dataset``.
+        stage1_history, stage2_history: the stages' ``MetricLogger`` (training curves).
+        stage1_epoch_length, stage2_epoch_length: iterations per epoch of each stage.
+        config: the configuration to record in ``metrics.json``: a bundle config passes ``$__local_refs``, MONAI's
+            map of every resolved config id to its value, read when the report is written (after training, so every
+            knob the run used is resolved); ``metrics.json`` gets its knobs (see :func:`resolved_knobs`) as
+            ``"config"`` and the class of every network and loss as ``"modules"``. A plain knob mapping works too.
+        device: where the networks run.
+        selection_metric: the validation score that selected the models (``custom.engines.selection_key``).
+        swap_margin: the role swap's margin, reported with the selection.
+        test_subsets: subset name -> regex on the test image names, for the per-subset table.
+        amp, smooth_sigma, threshold: as in validation.
+        n_overlays: test images in ``overlays.png``.
+    """
+
+    def __init__(
+        self,
+        *,
+        output_dir: str | Path,
+        ckpt_dir: str | Path,
+        stage1_teacher: torch.nn.Module,
+        teacher: torch.nn.Module,
+        student: torch.nn.Module,
+        role_swap: RoleSwapHandler,
+        test_loader: Any,
+        test_display: Sequence[Mapping],
+        stage1_history: MetricLogger,
+        stage1_epoch_length: int,
+        stage2_history: MetricLogger,
+        stage2_epoch_length: int,
+        config: Mapping[str, Any],
+        device: str | torch.device,
+        selection_metric: str = "area_contrast",
+        swap_margin: float = 0.0,
+        test_subsets: Mapping[str, str] | None = None,
+        amp: bool = False,
+        smooth_sigma: float | None = 3.0,
+        threshold: float = 0.5,
+        n_overlays: int = 6,
+    ) -> None:
+        self.arguments = {
+            "output_dir": output_dir, "ckpt_dir": ckpt_dir, "stage1_teacher": stage1_teacher, "teacher": teacher,
+            "student": student, "role_swap": role_swap, "test_loader": test_loader, "test_display": test_display,
+            "device": device, "selection_key": selection_key(selection_metric), "swap_margin": swap_margin,
+            "test_subsets": test_subsets, "amp": amp, "smooth_sigma": smooth_sigma, "threshold": threshold,
+            "n_overlays": n_overlays,
+        }
+        self.loggers = {"stage 1": (stage1_history, stage1_epoch_length), "stage 2": (stage2_history, stage2_epoch_length)}
+        self.config = config
+
+    def write(self) -> dict[str, Any]:
+        """Write the report (once training has finished); return what ``metrics.json`` holds."""
+        return finish_training(
+            **self.arguments, loggers=self.loggers, config=resolved_knobs(self.config), modules=resolved_modules(self.config)
+        )
+
+
+def resolved_knobs(resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """The knobs among resolved config ids: every top-level id (no ``::`` or ``#``, not ``_meta_`` or another
+    ``_``-prefixed id) whose value is plain data (None, bool, number, string, or lists and dicts of those; a
+    ``torch.device`` as its string), sorted by name. Networks, loaders and other objects are left out."""
+    knobs = {}
+    for key, value in resolved.items():
+        if not isinstance(key, str) or key.startswith("_") or ID_SEP_KEY in key or "#" in key:
+            continue
+        value = str(value) if isinstance(value, torch.device) else value
+        if _is_plain(value):
+            knobs[key] = _plain_copy(value)
+    return dict(sorted(knobs.items()))
+
+
+def resolved_modules(resolved: Mapping[str, Any]) -> dict[str, str]:
+    """``id -> module.Class`` of every resolved config id whose value is a ``torch.nn.Module`` (networks, losses)."""
+    return dict(sorted(
+        (str(key), f"{type(value).__module__}.{type(value).__qualname__}")
+        for key, value in resolved.items() if isinstance(value, torch.nn.Module)
+    ))
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is JSON data all the way down."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _plain_copy(value: Any) -> Any:
+    """A copy of plain data, tuples as lists, so the report does not hold the config's own containers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain_copy(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain_copy(v) for k, v in value.items()}
+    return value
+
+
 def finish_training(
     *,
     output_dir: str | Path,
@@ -200,6 +317,7 @@ def finish_training(
     loggers: Mapping[str, tuple[MetricLogger, int]],
     config: Mapping[str, Any],
     device: str | torch.device,
+    modules: Mapping[str, str] | None = None,
     selection_key: str = "val_area_contrast",
     swap_margin: float = 0.0,
     test_subsets: Mapping[str, str] | None = None,
@@ -215,6 +333,7 @@ def finish_training(
     ``test_display`` holds the test items without normalisation (image in [0, 1], mask, label, name), index-aligned
     with ``test_loader.dataset``, for the pictures and the baselines. ``selection_key`` names the validation score
     that selected the models (e.g. ``val_area_contrast``); ``test_subsets`` splits the test table by image name.
+    ``config`` (knob -> value) and ``modules`` (config id -> class) are recorded in ``metrics.json`` as given.
     """
     output_dir, ckpt_dir = Path(output_dir), Path(ckpt_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -238,6 +357,7 @@ def finish_training(
         "final_model": {"source": source, "val_score": val_score, "path": str(ckpt_dir / "model.pt")},
         "rounds": role_swap.rounds,
         "config": dict(config),
+        "modules": dict(modules or {}),
     }
     (output_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain))
     stage1_epochs = _stage_epochs(*loggers["stage 1"]) if "stage 1" in loggers else 0

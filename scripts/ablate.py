@@ -143,13 +143,13 @@ def main(
     dataset_dir: str,
     out: str,
     variants: str | tuple = DEFAULT_VARIANTS,
-    configs: str | tuple = ("cpu.json",),
+    configs: str | tuple = ("cpu_train.json",),
     extra: str | dict | None = None,
     seeds: int = 1,
     first_seed: int = 111,
 ) -> None:
     """Run ``variants`` (comma-separated names of VARIANTS) on ``dataset_dir`` with ``seeds`` seeds (``first_seed``,
-    ``first_seed + 1``, ...); every run gets ``configs`` (merged after train.json, default the CPU-sized cpu.json)
+    ``first_seed + 1``, ...); every run gets ``configs`` (merged after train.json, default the CPU-sized cpu_train.json)
     and ``extra`` overrides (a dict, e.g. "{'image_size': 224}"). Finished runs are read back, not rerun."""
     names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants)]
     unknown = [n for n in names if n not in VARIANTS]

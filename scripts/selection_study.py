@@ -102,7 +102,7 @@ def study_table(records: list[dict]) -> tuple[str, list[dict]]:
 def main(
     dataset_dir: str,
     out: str,
-    configs: str | tuple = ("cpu.json",),
+    configs: str | tuple = ("cpu_train.json",),
     extra: str | dict | None = None,
     train: bool = True,
 ) -> None:

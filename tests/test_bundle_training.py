@@ -44,7 +44,7 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-def bundle_command(run_dir: Path, data: Path, configs=("train.json", "cpu.json"), run_id: str = "training", **overrides) -> list[str]:
+def bundle_command(run_dir: Path, data: Path, configs=("train.json", "cpu_train.json"), run_id: str = "training", **overrides) -> list[str]:
     """The README's training command with the tiny overrides and this run's folders."""
     files = json.dumps([str(CONFIGS / c) for c in configs])
     args = {**TINY, "dataset_dir": str(data), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "out"), **overrides}
@@ -85,6 +85,13 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
     assert all(set(r) == {"epoch", "metric", "teacher_score", "student_score", "swapped"} for r in report["rounds"])
     assert all(r["metric"] == "val_area_contrast" for r in report["rounds"]) and report["selection"]["metric"] == "val_area_contrast"
     assert report["config"]["network_width"] == TINY["network_width"] and report["config"]["swap_policy"] == "if_better"
+    # the whole resolved configuration: every knob the run read, whichever file or override set it, and the
+    # networks and losses (mpp is read by slides.json alone)
+    assert {"weight_decay", "val_fraction", "resize_mode", "distill_augment", "amp", "dataset_dir"} <= set(report["config"])
+    assert "mpp" not in report["config"]
+    assert report["config"]["learning_rate"] == 0.001 and report["config"]["amp"] is False
+    assert report["modules"]["train::loss"] == "custom.losses.mil.MILPoolingLoss"
+    assert report["modules"]["network_def"] == "custom.networks.dws_mil.DWSMIL"
     assert report["baselines"]["oracle_label"]["f1_neg"] == 1.0 and report["baselines"]["all_background"]["f1_pos"] == 0.0
     # pseudo-labels: NIfTI and PNG per training image, listed in the manifest
     pseudo = out / "pseudo_labels"
@@ -166,7 +173,7 @@ def test_killed_stage2_resumes_with_same_teacher_and_schedule(tiny_data, tmp_pat
 def test_evaluate_config_writes_eval_metrics(tiny_data, tmp_path):
     run_bundle(tmp_path, tiny_data, stage1_epochs=1, stage2_epochs=0)
     log = run_bundle(
-        tmp_path, tiny_data, configs=("train.json", "cpu.json", "evaluate.json"), run_id="run",
+        tmp_path, tiny_data, configs=("train.json", "cpu_train.json", "evaluate.json"), run_id="run",
         ckpt_path=str(tmp_path / "models" / "teacher_best.pt"), output_dir=str(tmp_path / "eval"),
     )
     metrics = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())
@@ -182,10 +189,11 @@ def test_training_on_tiles_of_a_slide_datalist(tmp_path):
     data = tmp_path / "slides"
     generate_dataset(data, SyntheticSpec(n_slides=6, size=1024, patches_per_slide=1, patch_size=64, test_fraction=0.34))
     run_bundle(
-        tmp_path / "run", data, configs=("train.json", "cpu.json", "slides.json"),
+        tmp_path / "run", data, configs=("train.json", "cpu_train.json", "slides.json"),
         stage1_epochs=1, stage2_epochs=1, mpp=1.0, val_fraction=0.3,
     )
     report = json.loads((tmp_path / "run" / "out" / "metrics.json").read_text())
+    assert report["config"]["mpp"] == 1.0 and report["config"]["min_tissue"] == 0.5  # slides.json's knobs recorded too
     grids = sorted(p.name for p in (tmp_path / "run" / "out" / "tile_grids").glob("*.csv"))
     assert grids == [f"slide_00{i}_level1_tile64_overlap0.csv" for i in range(6)]  # 1.0 um/px = level 1
     n_test = report["student"]["n_pos"] + report["student"]["n_neg"]

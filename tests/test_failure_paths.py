@@ -38,7 +38,7 @@ def patches(tmp_path_factory) -> Path:
 
 def _train(data: Path, run_dir: Path) -> subprocess.CompletedProcess:
     """The README's CPU training command on ``data`` (it is expected to stop before the first epoch)."""
-    configs = json.dumps([str(ROOT / "bundle" / "configs" / name) for name in ("train.json", "cpu.json")])
+    configs = json.dumps([str(ROOT / "bundle" / "configs" / name) for name in ("train.json", "cpu_train.json")])
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs,
                "--dataset_dir", str(data), "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "out"),
                "--image_size", "64", "--network_width", "0.125"]

@@ -36,7 +36,7 @@ from custom.networks import DWSMIL  # noqa: E402
 from pyramid_files import write_pyramid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDTH = 0.25  # network_width of bundle/configs/cpu.json, which the server is started with
+WIDTH = 0.25  # network_width of bundle/configs/cpu_inference.json, which the server is started with
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # bundle/configs/inference.json
 PURPLE, WHITE = (150, 60, 170), (245, 245, 245)
 SLIDE_HW = (1536, 2048)
@@ -113,7 +113,7 @@ class Server:
         command = [
             sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
             "--host", "127.0.0.1", "--port", str(self.port), "--conf", "models", "tumour",
-            "--conf", "configs", "inference.json,cpu.json", "--conf", "ckpt_path", str(model),
+            "--conf", "configs", "inference.json,cpu_inference.json", "--conf", "ckpt_path", str(model),
         ]
         env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(tmp / "sessions"), MONAI_LABEL_TASKS_TRAIN="false",
                    OMP_NUM_THREADS="2")

@@ -48,7 +48,7 @@ def train(run_dir: Path, data: Path, nproc: int) -> str:
     """Both stages with the tiny settings, ``GLOBAL_BATCH / nproc`` images per rank."""
     overrides = {**TINY, "batch_size": GLOBAL_BATCH // nproc, "dataset_dir": str(data),
                  "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "out")}
-    return torchrun(nproc, ["train.json", "cpu.json", "multi_gpu_train.json"], "training", overrides)
+    return torchrun(nproc, ["train.json", "cpu_train.json", "multi_gpu_train.json"], "training", overrides)
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def test_swap_regenerates_and_cache_dataset_never_serves_stale_maps(tmp_path):
     before = cached[0]["pseudo"].clone()
     with torch.no_grad():
         teacher.heads[0].bias.add_(3.0)  # a different teacher, as after a swap
-    trainer.fire_event(DistillationEvents.ROLES_SWAPPED)
+    trainer.fire_event(DistillationEvents.TEACHER_CHANGED)
     np.testing.assert_allclose(cached[0]["pseudo"][0].numpy(), _teacher_fused(teacher, items)[0], atol=1e-6)
     assert not torch.allclose(cached[0]["pseudo"], before)
     with open(tmp_path / "manifest.csv", newline="") as f:

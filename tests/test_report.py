@@ -60,3 +60,20 @@ def test_subset_metrics_split_negatives_by_name():
     assert subset_metrics(rows, names, {"none": "^zzz"}) == {}  # a subset without images is left out
     with pytest.raises(ValueError, match="4 score rows but 3 image names"):
         subset_metrics(rows, names[:3], {"rest": ""})
+
+
+def test_resolved_knobs_keep_every_top_level_plain_value_and_nothing_else():
+    """What metrics.json records as "config": every knob of the run, whatever config file set it."""
+    from custom.report import resolved_knobs, resolved_modules
+
+    resolved = {
+        "seed": 3, "weight_decay": 1e-4, "amp": False, "pretrained_path": None, "device": torch.device("cpu"),
+        "test_subsets": {"rest": ""}, "outputs": ("prob", "mask"), "_meta_": {"version": "0.3.0"},
+        "teacher": torch.nn.Linear(1, 1), "train::loss": torch.nn.BCELoss(), "train::optimizer::lr": 0.1,
+        "train#datalist": ["a"], "mixed": [1, torch.nn.Linear(1, 1)],
+    }
+    assert resolved_knobs(resolved) == {
+        "amp": False, "device": "cpu", "outputs": ["prob", "mask"], "pretrained_path": None, "seed": 3,
+        "test_subsets": {"rest": ""}, "weight_decay": 1e-4,
+    }
+    assert resolved_modules(resolved) == {"teacher": "torch.nn.modules.linear.Linear", "train::loss": "torch.nn.modules.loss.BCELoss"}

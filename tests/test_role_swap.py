@@ -194,3 +194,14 @@ def test_negative_margin_is_refused():
     trainer = _trainer(max_epochs=1)
     with pytest.raises(ValueError, match="margin must be >= 0"):
         RoleSwapHandler(ScriptedValidator(trainer.network, []), teacher_score=0.5, margin=-0.1)
+
+
+def test_teacher_changed_follows_every_roles_swapped_handler_whatever_the_attach_order():
+    """Users of the new teacher (pseudo-labels) see it after the handlers that finish the exchange (the distributed
+    broadcast), even when they were attached first."""
+    trainer = _trainer(max_epochs=1)
+    calls = []
+    trainer.add_event_handler(DistillationEvents.TEACHER_CHANGED, lambda engine: calls.append("uses the teacher"))
+    trainer.add_event_handler(DistillationEvents.ROLES_SWAPPED, lambda engine: calls.append("finishes the exchange"))
+    RoleSwapHandler(ScriptedValidator(trainer.network, []), policy="periodic").swap(trainer)
+    assert calls == ["finishes the exchange", "uses the teacher"]

@@ -32,12 +32,18 @@ PSEUDO_KEY = "pseudo"
 
 class DistillationEvents(EventEnum):
     """
-    Stage-2 events, registered by :class:`DistillationTrainer` so that its handlers compose through Ignite:
-    ``ROLES_SWAPPED`` is fired by the role-swap handler after the teacher's weights changed, and the pseudo-label
-    handler regenerates its cache on it.
+    Stage-2 events, registered by :class:`DistillationTrainer` so that its handlers compose through Ignite, in an
+    order that does not depend on the order of ``train_handlers``. The role-swap handler fires both, one after the
+    other, once teacher and student have exchanged weights:
+
+    - ``ROLES_SWAPPED``: the weights changed on this process; handlers that make them agree everywhere attach here
+      (the distributed role swap broadcasts rank 0's weights on it);
+    - ``TEACHER_CHANGED``: fired after every ``ROLES_SWAPPED`` handler has returned, so the new teacher is final on
+      every rank; handlers that use the teacher attach here (the pseudo-label handler regenerates its cache on it).
     """
 
     ROLES_SWAPPED = "roles_swapped"
+    TEACHER_CHANGED = "teacher_changed"
 
 
 class DistillationTrainer(Trainer):
@@ -76,8 +82,9 @@ class DistillationTrainer(Trainer):
         key_train_metric: Ignite metric computed every iteration and averaged into ``engine.state.metrics``.
         additional_metrics: more Ignite metrics that also attach to Ignite Engine.
         metric_cmp_fn: function to compare current key metric with previous best key metric value.
-        train_handlers: Ignite handlers with ``attach``; order matters for ones on the same event (validation
-            before role swap; checkpoint loading before pseudo-label generation).
+        train_handlers: Ignite handlers with ``attach``; order matters for ones on the same event: validation
+            before role swap, the epoch checkpoint saver last (pseudo-label regeneration follows the role swap
+            through ``DistillationEvents``, whatever the order).
         amp: whether to enable auto-mixed-precision training (CUDA autocast + GradScaler), default is False.
         event_names: additional custom ignite events that will register to the engine.
         event_to_attr: a dictionary to map an event to a state attribute, then add to `engine.state`.

@@ -1,4 +1,5 @@
-"""One evaluator factory for validation and model selection, so every evaluator of a run scores the same way."""
+"""One evaluator factory for validation, model selection and test evaluation, so every evaluator of a run scores the
+same way (train.json's ``validate#evaluator_def``, evaluate.json, ``custom.report.evaluate_network``)."""
 
 from __future__ import annotations
 

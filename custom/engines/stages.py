@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from ignite.handlers import Checkpoint
@@ -13,7 +14,7 @@ from monai.handlers import CheckpointSaver
 
 from custom.checkpoints import UnreadableCheckpoint
 
-__all__ = ["epoch_checkpoints", "run_stage", "load_weights"]
+__all__ = ["epoch_checkpoints", "StageCheckpointSaver", "run_stage", "load_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,24 +26,49 @@ def epoch_checkpoints(save_dir: str | Path, prefix: str) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+class StageCheckpointSaver(CheckpointSaver):
+    """The epoch ``CheckpointSaver`` of a training stage: each file holds ``save_dict`` plus the engine the saver is
+    attached to, under ``engine_key``.
+
+    A config cannot list the trainer in the ``save_dict`` of a handler that the trainer's own ``train_handlers``
+    list (the reference would be circular), so the engine joins the checkpoint when the saver is attached. List it
+    last in ``train_handlers``: Ignite runs the handlers of one event in the order they were attached, so each
+    epoch is then saved after its validation and role-swap decision. Same arguments as ``CheckpointSaver``.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, engine_key: str = "trainer", **kwargs: Any) -> None:
+        if engine_key in save_dict:
+            raise ValueError(f"save_dict must not hold {engine_key!r}: the engine the saver is attached to is saved under it")
+        super().__init__(save_dir=save_dir, save_dict=dict(save_dict), **kwargs)
+        self.engine_key = engine_key
+
+    def attach(self, engine: Workflow) -> None:
+        """Checkpoint ``engine`` with the other objects, then save at the configured events."""
+        self.save_dict[self.engine_key] = engine
+        super().attach(engine)
+
+    def objects(self, engine: Workflow) -> dict[str, Any]:
+        """Everything a checkpoint of ``engine`` holds (also on a rank where the saver is not attached)."""
+        return {**self.save_dict, self.engine_key: engine}
+
+
 def run_stage(
     trainer: Workflow,
-    saver: CheckpointSaver,
+    saver: StageCheckpointSaver,
     prefix: str,
     best_saver: CheckpointSaver | None = None,
     best_path: str | Path | None = None,
 ) -> Workflow:
-    """Attach ``saver`` (every object of its ``save_dict`` is checkpointed), resume from its newest file, then run.
+    """Resume ``trainer`` from the newest epoch checkpoint ``saver`` left, then run it.
 
-    ``saver`` is attached here, after the trainer's own handlers, so each epoch is saved after its validation and
-    role-swap decision; it cannot sit in ``train_handlers`` because its ``save_dict`` holds the trainer itself.
+    ``saver`` is the stage's epoch saver, listed last in the trainer's ``train_handlers`` (see
+    :class:`StageCheckpointSaver`); every object of ``saver.objects(trainer)`` is restored.
     The configured ``max_epochs`` wins over the checkpoint's, so a finished run can be extended by raising it.
     ``prefix`` must be the saver's ``file_prefix``. ``best_saver`` (the validator's key-metric saver, with
     ``key_metric_save_state=True``) gets its best-score record back from ``best_path``, so a resumed run does not
     overwrite a better best checkpoint with a worse one. A checkpoint that fails to load (a run killed while
     writing it) is reported and the next older one is tried.
     """
-    saver.attach(trainer)
     max_epochs = trainer.state.max_epochs
     for path in epoch_checkpoints(saver.save_dir, prefix):
         try:
@@ -50,7 +76,7 @@ def run_stage(
         except Exception as e:  # a truncated file from a killed run: fall back to the previous one
             logger.warning(f"{prefix}: cannot read checkpoint {path} ({e}); trying an older one")
             continue
-        Checkpoint.load_objects(to_load=saver.save_dict, checkpoint=checkpoint)
+        Checkpoint.load_objects(to_load=saver.objects(trainer), checkpoint=checkpoint)
         trainer.state.max_epochs = max_epochs
         if best_saver is not None and best_path is not None and Path(best_path).is_file():
             best_saver.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["checkpointer"])

@@ -46,7 +46,8 @@ def _pseudo_label_path(output_dir: str | os.PathLike, name: str, suffix: str) ->
 class PseudoLabelHandler:
     """
     Run the trainer's teacher over the training images and cache its fused maps on disk
-    (docs/METHOD.md, pseudo-labels), on ``Events.STARTED`` and on ``DistillationEvents.ROLES_SWAPPED``.
+    (docs/METHOD.md, pseudo-labels), on ``Events.STARTED`` and on ``DistillationEvents.TEACHER_CHANGED`` (after a
+    role swap, once the new teacher is final on every rank, whatever the order of the trainer's handlers).
 
     Per image ``name`` it writes ``output_dir/name.nii.gz`` (float32 probabilities, array axes (row, col) as in the
     network's tensors: MONAI's ``NibabelReader`` and :class:`LoadPseudoLabeld` read it back unchanged, viewers that
@@ -93,7 +94,7 @@ class PseudoLabelHandler:
     def attach(self, engine: Engine) -> None:
         """Write the cache before the first iteration and after every role swap."""
         engine.add_event_handler(Events.STARTED, self)
-        engine.add_event_handler(DistillationEvents.ROLES_SWAPPED, self.on_swap)
+        engine.add_event_handler(DistillationEvents.TEACHER_CHANGED, self.on_swap)
 
     def on_swap(self, engine: Engine) -> None:
         """A new teacher: next round of pseudo-labels."""

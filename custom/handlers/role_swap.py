@@ -43,7 +43,8 @@ class RoleSwapHandler:
     the optimizer still holds the student's parameters; its state (e.g. Adam moments, step counts) is cleared
     because it described the previous weights; learning rates and param groups are kept. The teacher's score
     becomes the swapped-in student's, the best-student record starts afresh, and
-    ``DistillationEvents.ROLES_SWAPPED`` is fired on the trainer (the pseudo-label handler regenerates on it).
+    ``DistillationEvents.ROLES_SWAPPED`` then ``DistillationEvents.TEACHER_CHANGED`` are fired on the trainer (the
+    distributed subclass broadcasts the weights on the first, the pseudo-label handler regenerates on the second).
 
     Every decision is appended to ``rounds`` as ``{"epoch", "metric", "teacher_score", "student_score", "swapped"}``
     (``metric`` names the validation score used) and logged. ``state_dict()`` / ``load_state_dict()`` carry scores, best-student weights and rounds, so put the
@@ -139,7 +140,8 @@ class RoleSwapHandler:
             self.swap(engine)
 
     def swap(self, engine: Engine) -> None:
-        """Teacher <- best (or current) student, student <- old teacher, as independent copies; then notify."""
+        """Teacher <- best (or current) student, student <- old teacher, as independent copies; then notify: first
+        the handlers that finish the exchange (``ROLES_SWAPPED``), then those that use the new teacher."""
         student = _unwrap(engine.network)
         old_teacher_state = copy.deepcopy(engine.teacher.state_dict())
         if self.best_student_state is None:
@@ -152,6 +154,7 @@ class RoleSwapHandler:
         self.teacher_score = new_teacher_score
         self.best_student_score, self.best_student_state, self.last_student_score = None, None, None
         engine.fire_event(DistillationEvents.ROLES_SWAPPED)
+        engine.fire_event(DistillationEvents.TEACHER_CHANGED)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue the same schedule."""

@@ -98,7 +98,7 @@ class TumourSegmentation(InferTask):
 
     Args:
         bundle_root: the bundle folder (holds ``configs/``; ``ckpt_path`` defaults to ``models/model.pt`` there).
-        config_files: config files of ``configs/`` merged in order, e.g. ``("inference.json", "cpu.json")``.
+        config_files: config files of ``configs/`` merged in order, e.g. ``("inference.json", "cpu_inference.json")``.
         ckpt_path: a state_dict of ``network_def``; None takes the config's ``ckpt_path``.
     """
 
