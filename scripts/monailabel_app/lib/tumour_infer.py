@@ -35,10 +35,11 @@ from scipy import ndimage
 from shapely.geometry import Polygon
 from skimage.io import imsave
 
+from custom.checkpoints import load_weights
 from custom.data.morphology import drop_small_pieces, fill_small_holes
 from custom.data.slide import open_slide
 from custom.data.tissue import ASSUMED_LEVEL0_MPP
-from custom.inference import PlainImage, load_checkpoint, mask_polygons
+from custom.inference import PlainImage, mask_polygons
 from custom.inference.outputs import threshold_cut
 from custom.inference.runner import PLAIN_SUFFIXES
 from custom.inference.stitch import read_raster_rows
@@ -110,7 +111,7 @@ class TumourSegmentation(InferTask):
         parser = parse_bundle(Path(bundle_root), config_files)
         self.ckpt_path = os.fspath(ckpt_path or parser.get_parsed_content("ckpt_path"))
         self.device = torch.device(parser.get_parsed_content("device"))
-        self.network = load_checkpoint(parser.get_parsed_content("network"), self.ckpt_path).eval()
+        self.network = load_weights(parser.get_parsed_content("network"), self.ckpt_path, config_key="ckpt_path").eval()
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.threshold = float(parser.get_parsed_content("threshold"))
