@@ -22,7 +22,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image
 
 from custom.engines.distillation_trainer import PSEUDO_KEY, DistillationEvents
-from custom.engines.distributed import barrier, rank, world_size
+from custom.distributed import barrier, rank, world_size
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
