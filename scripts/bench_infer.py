@@ -44,9 +44,10 @@ from custom.data.tissue import detect_tissue
 from custom.inference.outputs import SLIDE_OUTPUTS, PyramidStreamer, write_slide_outputs
 from custom.inference.wsi import WholeSlideInferer
 from custom.networks import DWSMIL
+from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
 from custom.writers.pyramid_tiff import write_pyramid
 
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def normalise(image: torch.Tensor) -> torch.Tensor:
