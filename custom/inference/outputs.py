@@ -36,8 +36,8 @@ from skimage.io import imsave
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
+from custom.data.polygons import mask_polygons, outlines_and_holes
 from custom.data.tissue import ASSUMED_LEVEL0_MPP
-from custom.inference.polygons import mask_polygons
 from custom.inference.stitch import StripMerger, read_raster_rows
 from custom.inference.wsi import SlidePrediction
 from custom.writers.asap_xml import write_asap_xml
@@ -248,8 +248,7 @@ def write_slide_outputs(
     if "geojson" in outputs:
         files["geojson"] = write_qupath_geojson(folder / f"{name}.geojson", polygons)
     if "asap_xml" in outputs:
-        rings = [np.asarray(p.exterior.coords)[:-1] for p in polygons]
-        holes = [np.asarray(h.coords)[:-1] for p in polygons for h in p.interiors]
+        rings, holes = outlines_and_holes(polygons)
         groups = ["_0"] * len(rings) + ["_2"] * len(holes)
         files["asap_xml"] = write_asap_xml(folder / f"{name}.xml", rings + holes, groups)
     tissue = prediction.tissue

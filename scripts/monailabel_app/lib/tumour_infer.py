@@ -3,7 +3,7 @@
 
 Nothing is re-implemented here: the network (``network_def`` + ``ckpt_path``), the normalisation
 (``preprocessing``), the sliding window with Gaussian blending (``inferer``, ``custom.inference.WholeSlideInferer``),
-the ``threshold`` and the outlines (``custom.inference.mask_polygons``) are the ones the bundle's own inference runs.
+the ``threshold`` and the outlines (``custom.data.polygons``) are the ones the bundle's own inference runs.
 MONAI Label's ``BundleInferTask`` is not used: it imports torchvision (``monailabel.transform.post``), which has no
 CPU build beside this project's torch, and it would rebuild the pipeline from MONAI transforms instead.
 
@@ -37,9 +37,10 @@ from skimage.io import imsave
 
 from custom.checkpoints import load_weights
 from custom.data.morphology import drop_small_pieces, fill_small_holes
+from custom.data.polygons import mask_polygons, outlines_and_holes
 from custom.data.slide import open_slide
 from custom.data.tissue import ASSUMED_LEVEL0_MPP
-from custom.inference import PlainImage, mask_polygons
+from custom.inference import PlainImage
 from custom.inference.outputs import threshold_cut
 from custom.inference.runner import PLAIN_SUFFIXES
 from custom.inference.stitch import read_raster_rows
@@ -206,11 +207,10 @@ def _elements(polygons: list[Polygon], location_xy: Sequence[int]) -> list[dict]
     """MONAI Label annotation elements: outlines as ``tumour``, their holes as ``exclusion``, shifted to level 0."""
     x0, y0 = float(location_xy[0]), float(location_xy[1])
 
-    def ring(coords: Any) -> list[list[float]]:
-        return [[round(x + x0, 1), round(y + y0, 1)] for x, y in list(coords)[:-1]]
+    def ring(points: np.ndarray) -> list[list[float]]:
+        return [[round(x + x0, 1), round(y + y0, 1)] for x, y in points.tolist()]
 
-    outlines = [ring(p.exterior.coords) for p in polygons]
-    holes = [ring(h.coords) for p in polygons for h in p.interiors]
+    outlines, holes = (list(map(ring, rings)) for rings in outlines_and_holes(polygons))
     return [{"label": label, "contours": contours}
             for label, contours in (("tumour", outlines), ("exclusion", holes)) if contours]
 
