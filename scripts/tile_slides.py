@@ -24,11 +24,10 @@ import fire
 
 from custom.data.datalist import load_slide_datalist
 from custom.data.grid import grid_csv_path, make_tile_grid, save_grid_csv
-from custom.data.slide import SlideReadError, open_slide, select_level
+from custom.data.slide import SLIDE_SUFFIXES, SlideReadError, open_slide, select_level
 from custom.data.tissue import detect_tissue
 from custom.writers.tissue import save_tissue_geojson, save_tissue_png
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 
 
 def list_slides(source: str | Path) -> list[Path]:

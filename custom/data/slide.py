@@ -27,9 +27,16 @@ import numpy as np
 from monai.data import WSIReader
 from tifffile.tifffile import svs_description_metadata
 
-__all__ = ["SlideReadError", "Slide", "level0_mpp", "open_slide", "select_level"]
+__all__ = ["SLIDE_SUFFIXES", "PLAIN_SUFFIXES", "ASSUMED_LEVEL0_MPP", "SlideReadError", "Slide", "level0_mpp",
+           "mpp_or_assumed", "open_slide", "select_level"]
 
 BACKENDS = ("cucim", "openslide", "tifffile")
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+"""File suffixes taken as whole-slide images when a folder is listed (OpenSlide's formats and pyramidal TIFF)."""
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+"""File suffixes of plain images (one level, read whole), which inference treats apart from slides."""
+ASSUMED_LEVEL0_MPP = 0.5
+"""Level-0 microns per pixel (20x) assumed for files without mpp metadata, only to size masks, areas and tags."""
 _PROBE_SIZE = 64  # pixels of the test read that proves a backend can decode the file
 
 
@@ -139,6 +146,12 @@ def level0_mpp(slide: Slide, override: float | None = None) -> float | None:
     if override is not None:
         return override
     return slide.mpp[0] if slide.mpp else None
+
+
+def mpp_or_assumed(mpp: float | None) -> float:
+    """``mpp`` (a :func:`level0_mpp`), or :data:`ASSUMED_LEVEL0_MPP` when the file has none: the one fallback for
+    sizing tissue masks, areas and resolution tags (selecting a level by mpp refuses such files instead)."""
+    return mpp or ASSUMED_LEVEL0_MPP
 
 
 def _read_tiff_region(page: Any, row0: int, col0: int, height: int, width: int) -> np.ndarray:

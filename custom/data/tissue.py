@@ -22,11 +22,10 @@ from skimage.morphology import closing, disk
 from skimage.transform import downscale_local_mean
 
 from custom.data.morphology import drop_small_pieces, fill_small_holes
-from custom.data.slide import Slide, level0_mpp
+from custom.data.slide import ASSUMED_LEVEL0_MPP, Slide, level0_mpp, mpp_or_assumed
 
 __all__ = ["TissueMask", "detect_tissue", "saturation_value"]
 
-ASSUMED_LEVEL0_MPP = 0.5  # 20x, used only to size the mask and areas of slides without mpp metadata
 _BLOCK_PIXELS = 2048  # level pixels read per block while building the thumbnail, bounds memory
 
 
@@ -137,7 +136,7 @@ def detect_tissue(
             "mask (pass mpp_override to set it)",
             stacklevel=2,
         )
-        base_mpp = ASSUMED_LEVEL0_MPP
+    base_mpp = mpp_or_assumed(base_mpp)
     read_level, factor = _working_resolution(slide, mpp, level, base_mpp)
     thumbnail = _thumbnail(slide, read_level, factor)
     downsample = slide.level_downsamples[read_level] * factor

@@ -37,7 +37,7 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
 from custom.data.polygons import mask_polygons, outlines_and_holes
-from custom.data.tissue import ASSUMED_LEVEL0_MPP
+from custom.data.slide import mpp_or_assumed
 from custom.inference.stitch import StripMerger, read_raster_rows
 from custom.inference.wsi import SlidePrediction
 from custom.writers.asap_xml import write_asap_xml
@@ -231,7 +231,7 @@ def write_slide_outputs(
     outputs = check_outputs(outputs)
     folder = Path(output_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
-    level0_mpp = prediction.level0_mpp or ASSUMED_LEVEL0_MPP
+    level0_mpp = mpp_or_assumed(prediction.level0_mpp)
     ds = prediction.downsample
     cut = threshold_cut(threshold)
     shape = prediction.shape_hw

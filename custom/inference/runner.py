@@ -24,7 +24,7 @@ import torch
 
 from custom.checkpoints import load_weights
 from custom.data.datalist import load_slide_datalist
-from custom.data.slide import BACKENDS, open_slide
+from custom.data.slide import BACKENDS, PLAIN_SUFFIXES, SLIDE_SUFFIXES, open_slide
 from custom.inference.outputs import (
     SLIDE_OUTPUTS,
     PyramidStreamer,
@@ -36,11 +36,9 @@ from custom.inference.outputs import (
 from custom.inference.plain_image import PlainImage
 from custom.inference.wsi import WholeSlideInferer
 
-__all__ = ["SLIDE_SUFFIXES", "PLAIN_SUFFIXES", "SlideInferenceError", "inference_items",
+__all__ = ["SlideInferenceError", "inference_items",
            "SlideInferenceRunner", "raise_for_failures"]
 
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
-PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 logger = logging.getLogger(__name__)
 
 

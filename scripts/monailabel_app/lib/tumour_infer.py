@@ -38,14 +38,12 @@ from skimage.io import imsave
 from custom.checkpoints import load_weights
 from custom.data.morphology import drop_small_pieces, fill_small_holes
 from custom.data.polygons import mask_polygons, outlines_and_holes
-from custom.data.slide import open_slide
-from custom.data.tissue import ASSUMED_LEVEL0_MPP
+from custom.data.slide import PLAIN_SUFFIXES, level0_mpp, mpp_or_assumed, open_slide
 from custom.inference import PlainImage
 from custom.inference.outputs import threshold_cut
-from custom.inference.runner import PLAIN_SUFFIXES
 from custom.inference.stitch import read_raster_rows
 
-__all__ = ["LABELS", "LABEL_COLORS", "SCRATCH_PREFIX", "TumourSegmentation", "remove_stale_scratch"]
+__all__ = ["LABELS", "LABEL_COLORS", "SCRATCH_PREFIX", "TumourSegmentation", "read_request_region", "remove_stale_scratch"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +115,7 @@ class TumourSegmentation(InferTask):
         self.inferer = parser.get_parsed_content("inferer")
         self.threshold = float(parser.get_parsed_content("threshold"))
         self.min_area_um2 = float(parser.get_parsed_content("min_area_um2"))
+        self.mpp_override = parser.get_parsed_content("mpp_override")
         meta = parser.get("_meta_", {})
         # MONAI Label pastes the description into its ASAP XML unescaped: "H&E" would make the answer unreadable.
         description = f"{meta.get('name', 'tumour segmentation')} {meta.get('version', '')}".strip()
@@ -170,7 +169,7 @@ class TumourSegmentation(InferTask):
         """Contours of one region (checked by the app before it gets here) in level-0 ``(x, y)``."""
         start = time.perf_counter()
         level, location_xy, size_wh = int(request.get("level", 0)), request["location"], request["size"]
-        image, downsample, mpp = _read_region(request["image"], location_xy, size_wh, level)
+        image, downsample, mpp = read_request_region(request["image"], location_xy, size_wh, level, self.mpp_override)
         read = time.perf_counter()
         mask = self.mask(self.probabilities(image))
         inferred = time.perf_counter()
@@ -192,14 +191,18 @@ def _clean_tile(mask: np.ndarray, min_pixels: float) -> np.ndarray:
     return fill_small_holes(kept, min_pixels, fill_border=False)
 
 
-def _read_region(path: str, location_xy: Sequence[int], size_wh: Sequence[int], level: int) -> tuple:
-    """Pixels of the region as a one-level image, its downsample to level 0 and the level-0 microns per pixel."""
+def read_request_region(path: str, location_xy: Sequence[int], size_wh: Sequence[int], level: int,
+                 mpp_override: float | None = None) -> tuple:
+    """Pixels of the region as a one-level image, its downsample to level 0 and the level-0 microns per pixel (the
+    config's ``mpp_override`` when set, as the bundle's inference takes it)."""
     location, size = (int(location_xy[0]), int(location_xy[1])), (int(size_wh[0]), int(size_wh[1]))
     if Path(path).suffix.lower() in PLAIN_SUFFIXES:
-        return PlainImage(path, PlainImage.read(path).read_region(location, size, level)), 1.0, ASSUMED_LEVEL0_MPP
+        image = PlainImage.read(path)
+        mpp = mpp_or_assumed(level0_mpp(image, mpp_override))
+        return PlainImage(path, image.read_region(location, size, level)), 1.0, mpp
     with open_slide(path) as slide:
         pixels = slide.read_region(location, size, level)
-        mpp = slide.mpp[0] if slide.mpp else ASSUMED_LEVEL0_MPP
+        mpp = mpp_or_assumed(level0_mpp(slide, mpp_override))
         return PlainImage(path, pixels), float(slide.level_downsamples[level]), mpp
 
 
