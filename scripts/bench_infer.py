@@ -42,7 +42,8 @@ from custom.data.slide import open_slide
 from custom.data.synthetic import make_layout, render_tile, tissue_fraction
 from custom.data.tiff import read_tiff_region
 from custom.data.tissue import detect_tissue
-from custom.inference.outputs import SLIDE_OUTPUTS, PyramidStreamer, write_slide_outputs
+from custom.inference.outputs import SLIDE_OUTPUTS, write_slide_outputs
+from custom.inference.streaming import PyramidStreamer
 from custom.inference.wsi import WholeSlideInferer
 from custom.networks import DWSMIL
 from custom.transforms import IMAGENET_MEAN, IMAGENET_STD

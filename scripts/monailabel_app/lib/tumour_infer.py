@@ -40,8 +40,8 @@ from custom.data.morphology import drop_small_pieces, fill_small_holes
 from custom.data.polygons import mask_polygons, outlines_and_holes
 from custom.data.slide import PLAIN_SUFFIXES, level0_mpp, mpp_or_assumed, open_slide
 from custom.inference import PlainImage
-from custom.inference.outputs import threshold_cut
 from custom.inference.stitch import read_raster_rows
+from custom.inference.streaming import threshold_cut
 
 __all__ = ["LABELS", "LABEL_COLORS", "SCRATCH_PREFIX", "TumourSegmentation", "read_request_region", "remove_stale_scratch"]
 
