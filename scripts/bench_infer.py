@@ -38,8 +38,8 @@ import tifffile
 import torch
 
 from custom.data.grid import make_tile_grid
+from custom.data.he_renderer import make_layout, render_tile, tissue_fraction
 from custom.data.slide import open_slide
-from custom.data.synthetic import make_layout, render_tile, tissue_fraction
 from custom.data.tiff import read_tiff_region
 from custom.data.tissue import detect_tissue
 from custom.inference.outputs import SLIDE_OUTPUTS, write_slide_outputs

@@ -29,7 +29,6 @@ from custom.data.tissue import detect_tissue
 from custom.writers.tissue import save_tissue_geojson, save_tissue_png
 
 
-
 def list_slides(source: str | Path) -> list[Path]:
     """Slides of a folder (by suffix, sorted) or of a CSV/JSON slide list."""
     source = Path(source)

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom.engines.distillation_trainer import DistillationEvents
 from custom.distributed import rank, state_digest, unwrap_network, world_size
+from custom.engines.distillation_trainer import DistillationEvents
 from custom.handlers.role_swap import RoleSwapHandler
 
 if TYPE_CHECKING:

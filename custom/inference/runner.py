@@ -25,7 +25,13 @@ import torch
 from custom.checkpoints import load_weights
 from custom.data.datalist import load_slide_datalist
 from custom.data.slide import BACKENDS, PLAIN_SUFFIXES, SLIDE_SUFFIXES, open_slide
-from custom.inference.outputs import SLIDE_OUTPUTS, check_outputs, summary_path, write_image_outputs, write_slide_outputs
+from custom.inference.outputs import (
+    SLIDE_OUTPUTS,
+    check_outputs,
+    summary_path,
+    write_image_outputs,
+    write_slide_outputs,
+)
 from custom.inference.plain_image import PlainImage
 from custom.inference.streaming import PyramidStreamer
 from custom.inference.wsi import WholeSlideInferer
