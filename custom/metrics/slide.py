@@ -39,6 +39,7 @@ from monai.metrics.froc import compute_fp_tp_probs_nd
 from monai.transforms import ProbNMS
 from skimage.measure import block_reduce
 
+from custom import tables
 from custom.data.annotations import BACKGROUND, EXCLUDED, TUMOUR, read_asap_xml, rasterize_annotations
 from custom.data.datalist import load_slide_datalist
 from custom.data.tiff import LabelTiff
@@ -253,11 +254,11 @@ def format_table(report: dict) -> str:
     def cell(value: float | None) -> str:
         return f"{'-':>8}" if value is None else f"{value:>8.3f}"
 
-    lines = [f"{'slide':<24}{'label':>6}{'score':>8}{'dice':>8}{'iou':>8}{'lesions':>9}{'found':>7}{'FP':>5}"]
-    for r in report["slides"]:
-        counts = "".join(f"{r[k]:>{w}}" if k in r else f"{'-':>{w}}"
-                         for k, w in (("lesions", 9), ("lesions_detected", 7), ("false_positives", 5)))
-        lines.append(f"{r['name']:<24}{r['label']:>6}{cell(r['score'])}{cell(r['dice'])}{cell(r['iou'])}{counts}")
+    numbers = [tables.Column(k, 8, ">", ".3f") for k in ("score", "dice", "iou")]
+    counts = [tables.Column("lesions", 9), tables.Column("found", 7), tables.Column("FP", 5)]
+    columns = [tables.Column("slide", 24, "<"), tables.Column("label", 6), *numbers, *counts]
+    keys = ("name", "label", "score", "dice", "iou", "lesions", "lesions_detected", "false_positives")
+    lines = [tables.format_table(columns, [[r.get(k) for k in keys] for r in report["slides"]])]
     lines.append(f"mean dice {cell(report['dice']).strip()}  iou {cell(report['iou']).strip()}  "
                  f"(positives: dice {cell(report['dice_pos']).strip()}, iou {cell(report['iou_pos']).strip()})  "
                  f"slide AUC {cell(report['auc']).strip()}  FROC {cell(report['froc']).strip()}")
