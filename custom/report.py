@@ -18,6 +18,7 @@ from monai.bundle.utils import ID_SEP_KEY
 from monai.engines import SupervisedEvaluator
 from monai.handlers import MetricLogger
 
+from custom import tables
 from custom.engines.evaluation import selection_evaluator, selection_key
 from custom.handlers.role_swap import RoleSwapHandler
 from custom.metrics import METRIC_KEYS, evaluate_baselines
@@ -184,12 +185,8 @@ def _stage_epochs(metric_logger: MetricLogger, epoch_length: int) -> int:
 
 def format_table(results: Mapping[str, Mapping[str, float | int]], keys: Sequence[str] = METRIC_KEYS) -> str:
     """A plain-text table, one row per model or baseline, for the log and the terminal."""
-    header = f"{'':<28}" + "".join(f"{k:>11}" for k in keys)
-    rows = [header]
-    for name, metrics in results.items():
-        cells = "".join(f"{metrics[k]:>11.4f}" if isinstance(metrics[k], float) else f"{metrics[k]:>11}" for k in keys)
-        rows.append(f"{name:<28}{cells}")
-    return "\n".join(rows)
+    columns = [tables.Column("", 28, "<"), *(tables.Column(k, 11, ">", ".4f") for k in keys)]
+    return tables.format_table(columns, [[name, *(metrics[k] for k in keys)] for name, metrics in results.items()])
 
 
 class TrainingReport:

@@ -23,6 +23,8 @@ from pathlib import Path
 import fire
 import numpy as np
 
+from custom.tables import Column, format_table
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"
 
@@ -124,9 +126,9 @@ def table(results: dict[int, dict[str, dict]]) -> str:
         extra = []
     columns = [*COLUMNS, *extra]
     width = max(17, *(len(c) + 2 for c in columns))
-    lines = [f"{len(results)} seed(s): {sorted(results)}", f"{'':<36}" + "".join(f"{c:>{width}}" for c in columns)]
-    for name, per_seed in rows.items():
-        lines.append(f"{name:<36}" + "".join(f"{_cell([m.get(c, math.nan) for m in per_seed]):>{width}}" for c in columns))
+    cells = [[name, *(_cell([m.get(c, math.nan) for m in per_seed]) for c in columns)] for name, per_seed in rows.items()]
+    lines = [f"{len(results)} seed(s): {sorted(results)}",
+             format_table([Column("", 36, "<"), *(Column(c, width) for c in columns)], cells)]
     lines.append("")
     lines.append("paired over seeds: distilled student minus its own seed's stage-1 teacher")
     for variant in sorted({n for per_variant in results.values() for n in per_variant if n != SUPERVISED}):

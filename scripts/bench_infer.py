@@ -38,15 +38,18 @@ import tifffile
 import torch
 
 from custom.data.grid import make_tile_grid
-from custom.data.slide import _read_tiff_region, open_slide
-from custom.data.synthetic import make_layout, render_tile, tissue_fraction
+from custom.data.he_renderer import make_layout, render_tile, tissue_fraction
+from custom.data.slide import open_slide
+from custom.data.tiff import read_tiff_region
 from custom.data.tissue import detect_tissue
-from custom.inference.outputs import SLIDE_OUTPUTS, PyramidStreamer, write_slide_outputs
+from custom.inference.outputs import SLIDE_OUTPUTS, write_slide_outputs
+from custom.inference.streaming import PyramidStreamer
 from custom.inference.wsi import WholeSlideInferer
 from custom.networks import DWSMIL
+from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
 from custom.writers.pyramid_tiff import write_pyramid
 
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def normalise(image: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ def make_mosaic(source: Path, path: Path, tile: int = 256) -> Path:
         size = page.shape[0]
 
         def tile_at(row: int, col: int, height: int, width: int) -> np.ndarray:
-            return _read_tiff_region(page, row % size, col % size, height, width)
+            return read_tiff_region(page, row % size, col % size, height, width)
 
         write_pyramid(path, tile_at, (2 * size, 2 * size), 3, mpp=0.5, tile=tile)
     return path

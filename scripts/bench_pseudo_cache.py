@@ -14,9 +14,10 @@ from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 
 from custom.engines import DistillationTrainer
-from custom.handlers import LoadPseudoLabeld, PseudoLabelHandler
+from custom.handlers import PseudoLabelHandler
 from custom.losses import DistillationLoss
 from custom.networks import DWSMIL
+from custom.transforms import LoadPseudoLabeld
 
 
 def _epoch_seconds(trainer: DistillationTrainer) -> list[float]:

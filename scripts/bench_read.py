@@ -22,8 +22,8 @@ import fire
 import numpy as np
 from monai.data import WSIReader
 
+from custom.data.he_renderer import make_layout, render_tile
 from custom.data.slide import BACKENDS, open_slide
-from custom.data.synthetic import make_layout, render_tile
 from custom.writers.pyramid_tiff import write_pyramid
 
 TILE = 256

@@ -30,10 +30,11 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import CONFIGS, run_training  # noqa: E402  (a sibling script)
 
-from custom.engines.stages import load_weights  # noqa: E402
+from custom.checkpoints import load_weights  # noqa: E402
 from custom.metrics.segmentation import image_scores, summarise_scores  # noqa: E402
 from custom.metrics.selection import MASK_FREE_METRICS, flip_maps, selection_rows, summarise_selection  # noqa: E402
 from custom.report import evaluate_network  # noqa: E402
+from custom.tables import Column, format_table  # noqa: E402
 
 CRITERIA = (*MASK_FREE_METRICS, "mask_f1 (uses masks)")
 _EPOCH_FILE = re.compile(r"^(stage1_teacher|stage2_student)_epoch=(\d+)\.pt$")
@@ -91,12 +92,11 @@ def study_table(records: list[dict]) -> tuple[str, list[dict]]:
                 "regret": test[pick] - max(test), "picked": f"{members[pick]['stage']} epoch {members[pick]['epoch']}",
                 "picked_test_f1": test[pick],
             })
-    lines = [f"{'criterion':<22}{'pool':<9}{'n':>4}{'spearman':>10}{'regret':>9}  picked (test F1)"]
-    lines += [
-        f"{r['criterion']:<22}{r['pool']:<9}{r['n']:>4}{r['spearman']:>10.3f}{r['regret']:>9.4f}  {r['picked']} ({r['picked_test_f1']:.4f})"
-        for r in rows
-    ]
-    return "\n".join(lines), rows
+    columns = [Column("criterion", 22, "<"), Column("pool", 9, "<"), Column("n", 4), Column("spearman", 10, ">", ".3f"),
+               Column("regret", 9, ">", ".4f"), Column("  picked (test F1)", align="<")]
+    cells = [[r["criterion"], r["pool"], r["n"], r["spearman"], r["regret"], f"  {r['picked']} ({r['picked_test_f1']:.4f})"]
+             for r in rows]
+    return format_table(columns, cells, strip=True), rows
 
 
 def main(

@@ -24,10 +24,10 @@ import fire
 
 from custom.data.datalist import load_slide_datalist
 from custom.data.grid import grid_csv_path, make_tile_grid, save_grid_csv
-from custom.data.slide import SlideReadError, open_slide, select_level
-from custom.data.tissue import detect_tissue, save_tissue_geojson, save_tissue_png
-
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+from custom.data.slide import SLIDE_SUFFIXES, SlideReadError, open_slide, select_level
+from custom.data.tissue import detect_tissue
+from custom.tables import Column, format_table
+from custom.writers.tissue import save_tissue_geojson, save_tissue_png
 
 
 def list_slides(source: str | Path) -> list[Path]:
@@ -83,10 +83,8 @@ def main(slides: str, out: str, level: int | None = None, mpp: float | None = No
         except (FileNotFoundError, SlideReadError, ValueError) as err:
             rows.append({"slide": path.name, "backend": "FAILED", "note": str(err).replace("\n", " ")})
     columns = ("slide", "backend", "size", "mpp", "level", "threshold", "tissue", "tiles", "note")
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) if rows else len(c) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns).rstrip())
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    print(format_table([Column(c, align="<") for c in columns], cells, sep="  ", strip=True))
     done = [r for r in rows if r["backend"] != "FAILED"]
     print(f"\n{len(done)} of {len(rows)} slides tiled, {sum(r['tiles'] for r in done)} tiles; outputs in {out_dir}")
 

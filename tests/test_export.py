@@ -14,7 +14,7 @@ import pytest
 import tifffile
 import torch
 
-from custom.data.synthetic import make_layout, render_tile
+from custom.data.he_renderer import make_layout, render_tile
 from custom.networks import DWSMIL
 from custom.writers.pyramid_tiff import write_pyramid
 

@@ -16,10 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from custom.checkpoints import UnreadableCheckpoint
+from custom.checkpoints import UnreadableCheckpoint, load_weights
 from custom.data.synthetic import SyntheticSpec, generate_dataset
-from custom.engines.stages import load_weights
-from custom.inference import SlideInferenceRunner, WholeSlideInferer, inference_items, load_checkpoint
+from custom.inference import SlideInferenceRunner, WholeSlideInferer, inference_items
 from custom.networks import DWSMIL
 
 from pyramid_files import write_pyramid
@@ -108,7 +107,7 @@ def test_an_unreadable_checkpoint_is_named_with_its_problem(tmp_path, damage):
     problems = {"truncated": "it is not a complete PyTorch checkpoint archive, truncated or corrupted",
                 "empty": "the file is empty or truncated", "random": "it is not a PyTorch checkpoint",
                 "text": "it is not a PyTorch checkpoint"}
-    for load in (lambda: load_weights(network, bad, "network"), lambda: load_checkpoint(network, bad)):
+    for load in (lambda: load_weights(network, bad, "network"), lambda: load_weights(network, bad, config_key="ckpt_path")):
         with pytest.raises(UnreadableCheckpoint) as refused:
             load()
         message = str(refused.value)

@@ -22,7 +22,8 @@ from custom.data.slide import open_slide
 from custom.data.synthetic import SyntheticSpec, generate_dataset
 from custom.data.tissue import detect_tissue
 from custom.inference import SlideInferenceError, SlideInferenceRunner, StripMerger, WholeSlideInferer
-from custom.inference.outputs import RasterStats, top_k_mean
+from custom.inference.outputs import top_k_mean
+from custom.inference.streaming import RasterStats
 from custom.networks import DWSMIL
 from custom.writers.pyramid_tiff import write_pyramid
 

@@ -521,3 +521,19 @@ def test_scratch_of_a_killed_server_is_removed_at_start_and_a_live_ones_kept(tmp
     other.mkdir()
     assert remove_stale_scratch(tmp_path) == [dead]
     assert not dead.exists() and (live / "prob.raw").exists() and other.exists()
+
+
+def test_region_mpp_is_the_slides_or_the_configs_override(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))
+    from lib.tumour_infer import read_request_region
+
+    pixels = np.full((256, 256, 3), PURPLE, np.uint8)
+    tagged = write_pyramid(tmp_path / "tagged.tif", pixels, levels=2, tile=64, mpp_xy=(0.25, 0.25))
+    bare = write_pyramid(tmp_path / "bare.tif", pixels, levels=2, tile=64, mpp_xy=None)
+    png = tmp_path / "plain.png"
+    imsave(png, pixels, check_contrast=False)
+    assert read_request_region(str(tagged), (0, 0), (32, 32), 1)[1:] == pytest.approx((2.0, 0.25))
+    assert read_request_region(str(tagged), (0, 0), (32, 32), 1, mpp_override=1.0)[1:] == (2.0, 1.0)
+    assert read_request_region(str(bare), (0, 0), (32, 32), 0)[1:] == (1.0, 0.5)  # none: 20x assumed
+    assert read_request_region(str(bare), (0, 0), (32, 32), 0, mpp_override=1.0)[1:] == (1.0, 1.0)
+    assert read_request_region(str(png), (0, 0), (32, 32), 0, mpp_override=0.25)[1:] == (1.0, 0.25)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from custom.data.synthetic import SyntheticSpec, generate_dataset
-from custom.engines.distributed import state_digest
+from custom.distributed import state_digest
 from custom.networks import DWSMIL
 from test_bundle_training import TINY as SINGLE_PROCESS_TINY
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Polygon
 
-from custom.inference.polygons import _simplify, mask_polygons
+from custom.data.polygons import mask_polygons, simplify_polygon
 
 
 def test_square_with_hole_in_level0_pixels():
@@ -39,7 +39,7 @@ def test_simplify_falls_back_when_douglas_peucker_breaks_the_polygon():
     hole = [(4, 8), (6, 8), (5, 10.8)]
     polygon = Polygon(outline, [hole])
     assert polygon.is_valid and not polygon.simplify(1.5, preserve_topology=False).interiors
-    simple = _simplify(polygon, 1.5)
+    simple = simplify_polygon(polygon, 1.5)
     assert simple.is_valid and len(simple.interiors) == 1
     assert simple.area == pytest.approx(polygon.area, rel=0.01)
 

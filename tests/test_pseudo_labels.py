@@ -14,8 +14,9 @@ from skimage.io import imread
 from tiny_mil_net import TinyMILNet
 
 from custom.engines.distillation_trainer import DistillationEvents, DistillationTrainer
-from custom.handlers.pseudo_labels import LoadPseudoLabeld, PseudoLabelHandler
+from custom.handlers.pseudo_labels import PseudoLabelHandler
 from custom.losses.distillation import DistillationLoss
+from custom.transforms import LoadPseudoLabeld
 
 N, SIZE = 6, 16
 

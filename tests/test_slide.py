@@ -14,8 +14,8 @@ from monai.data.wsi_reader import CuCIMWSIReader
 from pyramid_files import pattern, write_pyramid
 from torch.utils.data import DataLoader, Dataset
 
-from custom.data.slide import BACKENDS, SlideReadError, _read_tiff_region, level0_mpp, open_slide, select_level
-from custom.metrics.slide import LabelTiff
+from custom.data.slide import BACKENDS, SlideReadError, level0_mpp, open_slide, select_level
+from custom.data.tiff import LabelTiff, read_tiff_region
 
 IMAGE = pattern()
 
@@ -124,7 +124,7 @@ def test_mpp_request_without_metadata_needs_override(tmp_path):
 def test_pickled_slide_reopens_lazily(lossless, backend):
     slide = open_slide(lossless, backends=(backend,))
     copy = pickle.loads(pickle.dumps(slide))
-    assert copy._handle is None
+    assert not copy.is_open
     np.testing.assert_array_equal(copy.read_region((128, 64), (32, 32), 1), IMAGE[::2, ::2][32:64, 64:96])
 
 
@@ -170,7 +170,7 @@ def test_strip_tiff_regions_decode_only_their_strips(tmp_path, compression, monk
     monkeypatch.setattr(tifffile.TiffPage, "asarray", lambda *a, **k: pytest.fail("whole page decoded"))
     with tifffile.TiffFile(tmp_path / "rgb.tif") as tif:
         for row, col, height, width in ((0, 0, 256, 256), (650, 400, 50, 115), (100, 13, 500, 500)):
-            np.testing.assert_array_equal(_read_tiff_region(tif.pages[0], row, col, height, width),
+            np.testing.assert_array_equal(read_tiff_region(tif.pages[0], row, col, height, width),
                                           rgb[row:row + height, col:col + width])
     mask = LabelTiff(tmp_path / "labels.tif")
     np.testing.assert_array_equal(mask.rows(680, 256), labels[680:])  # the last band comes back shorter

@@ -16,16 +16,8 @@ from scipy.ndimage import uniform_filter
 from skimage.color import rgb2hsv
 
 from custom.data.annotations import rasterize_annotations, read_asap_xml
-from custom.data.synthetic import (
-    COMPLETE_MARKER,
-    SyntheticSpec,
-    ensure_sample_data,
-    generate_dataset,
-    make_layout,
-    render_mask,
-    render_tile,
-    tissue_fraction,
-)
+from custom.data.he_renderer import make_layout, render_mask, render_tile, tissue_fraction
+from custom.data.synthetic import COMPLETE_MARKER, SyntheticSpec, ensure_sample_data, generate_dataset
 
 SPEC = SyntheticSpec(n_slides=4, size=1024, seed=5, patches_per_slide=6)
 

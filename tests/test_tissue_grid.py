@@ -15,7 +15,8 @@ from skimage.color import rgb2hsv
 from custom.data import grid as grid_module
 from custom.data.grid import grid_for, load_grid_csv, make_tile_grid, save_grid_csv
 from custom.data.slide import open_slide
-from custom.data.tissue import TissueMask, detect_tissue, save_tissue_png, saturation_value, tissue_geojson
+from custom.data.tissue import TissueMask, detect_tissue, saturation_value
+from custom.writers.tissue import save_tissue_png, tissue_geojson
 
 GLASS, STAIN = (238, 236, 240), (190, 90, 150)
 

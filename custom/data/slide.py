@@ -27,9 +27,18 @@ import numpy as np
 from monai.data import WSIReader
 from tifffile.tifffile import svs_description_metadata
 
-__all__ = ["SlideReadError", "Slide", "level0_mpp", "open_slide", "select_level"]
+from custom.data.tiff import read_tiff_region
+
+__all__ = ["SLIDE_SUFFIXES", "PLAIN_SUFFIXES", "ASSUMED_LEVEL0_MPP", "SlideReadError", "Slide", "level0_mpp",
+           "mpp_or_assumed", "open_slide", "select_level"]
 
 BACKENDS = ("cucim", "openslide", "tifffile")
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
+"""File suffixes taken as whole-slide images when a folder is listed (OpenSlide's formats and pyramidal TIFF)."""
+PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+"""File suffixes of plain images (one level, read whole), which inference treats apart from slides."""
+ASSUMED_LEVEL0_MPP = 0.5
+"""Level-0 microns per pixel (20x) assumed for files without mpp metadata, only to size masks, areas and tags."""
 _PROBE_SIZE = 64  # pixels of the test read that proves a backend can decode the file
 
 
@@ -58,6 +67,11 @@ class Slide:
     def level_count(self) -> int:
         """Number of pyramid levels."""
         return len(self.level_dimensions)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether this process holds the backend handle (a pickled copy reopens the file on its first read)."""
+        return self._handle is not None and self._handle_pid == os.getpid()
 
     @property
     def handle(self) -> Any:
@@ -110,7 +124,7 @@ class Slide:
             return np.array(handle.read_region(location_xy, level, size_wh).convert("RGB"))  # PIL arrays are read-only
         ds = self.level_downsamples[level]
         page = handle.series[0].levels[level].keyframe
-        return _read_tiff_region(page, int(location_xy[1] // ds), int(location_xy[0] // ds), size_wh[1], size_wh[0])
+        return read_tiff_region(page, int(location_xy[1] // ds), int(location_xy[0] // ds), size_wh[1], size_wh[0])
 
     def close(self) -> None:
         """Release the backend handle (it is reopened if the slide is read again)."""
@@ -141,36 +155,10 @@ def level0_mpp(slide: Slide, override: float | None = None) -> float | None:
     return slide.mpp[0] if slide.mpp else None
 
 
-def _read_tiff_region(page: Any, row0: int, col0: int, height: int, width: int) -> np.ndarray:
-    """Decode only the TIFF tiles (or strips) that overlap a ``(row, col)`` box of one tifffile page (no zarr needed).
-
-    A strip is a segment one image wide; the box is clipped to the image, so a band past the bottom comes back shorter.
-    """
-    if page.dtype != np.uint8:
-        raise ValueError(f"only 8-bit slides are supported, this page holds {page.dtype}")
-    if page.planarconfig != 1:  # separate colour planes: segments are per channel, decode the page as a whole
-        return np.ascontiguousarray(page.asarray()[row0 : row0 + height, col0 : col0 + width, :3])
-    height, width = min(height, page.imagelength - row0), min(width, page.imagewidth - col0)
-    if page.is_tiled:
-        tile_h, tile_w = page.tilelength, page.tilewidth
-    else:
-        tile_h, tile_w = min(page.rowsperstrip, page.imagelength), page.imagewidth
-    tiles_across = -(-page.imagewidth // tile_w)
-    tile_rows = range(row0 // tile_h, (row0 + height - 1) // tile_h + 1)
-    tile_cols = range(col0 // tile_w, (col0 + width - 1) // tile_w + 1)
-    indices = [r * tiles_across + c for r in tile_rows for c in tile_cols]
-    mosaic = np.empty((len(tile_rows) * tile_h, len(tile_cols) * tile_w, page.samplesperpixel), np.uint8)
-    decode_args = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader, "_fullsize": True}
-    segments = page.parent.filehandle.read_segments(
-        [page.dataoffsets[i] for i in indices], [page.databytecounts[i] for i in indices], indices=indices
-    )
-    for data, index in segments:
-        tile = page.decode(data, index, **decode_args)[0]
-        r, c = divmod(index, tiles_across)
-        r, c = r - tile_rows.start, c - tile_cols.start
-        mosaic[r * tile_h : (r + 1) * tile_h, c * tile_w : (c + 1) * tile_w] = tile.reshape(tile_h, tile_w, -1)
-    top, left = row0 - tile_rows.start * tile_h, col0 - tile_cols.start * tile_w
-    return np.ascontiguousarray(mosaic[top : top + height, left : left + width, :3])
+def mpp_or_assumed(mpp: float | None) -> float:
+    """``mpp`` (a :func:`level0_mpp`), or :data:`ASSUMED_LEVEL0_MPP` when the file has none: the one fallback for
+    sizing tissue masks, areas and resolution tags (selecting a level by mpp refuses such files instead)."""
+    return mpp or ASSUMED_LEVEL0_MPP
 
 
 def _open_handle(path: str, backend: str, reader: WSIReader | None = None) -> Any:

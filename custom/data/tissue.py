@@ -1,5 +1,5 @@
 # Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
-"""Tissue detection on a low-resolution copy of a slide, and its export as PNG and QuPath GeoJSON.
+"""Tissue detection on a low-resolution copy of a slide (written as PNG and QuPath GeoJSON by ``custom.writers.tissue``).
 
 Stained tissue is coloured and glass is grey-white, so tissue is where the HSV saturation exceeds an Otsu
 threshold (never below ``min_saturation``, so that a blank slide stays blank). Near-black pixels (scanner fill,
@@ -7,35 +7,25 @@ dark debris) are excluded. The threshold actually used is kept on the mask so us
 Pen marks are coloured too and are not removed: pass an explicit ``threshold`` or clean the slide's mask.
 
 Coordinates: the mask is ``(rows, cols)``; one mask pixel covers ``downsample`` x ``downsample`` level-0
-pixels; everything exported (GeoJSON, boxes) is in LEVEL-0 ``(x, y)`` pixels.
+pixels; boxes (and the exported GeoJSON) are in LEVEL-0 ``(x, y)`` pixels.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import shapely
 from scipy import ndimage
-from shapely.affinity import affine_transform
-from shapely.geometry import Polygon, mapping
 from skimage.filters import threshold_otsu
-from skimage.io import imsave
-from skimage.measure import find_contours
 from skimage.morphology import closing, disk
-from skimage.segmentation import find_boundaries
 from skimage.transform import downscale_local_mean
 
 from custom.data.morphology import drop_small_pieces, fill_small_holes
-from custom.data.slide import Slide, level0_mpp
+from custom.data.slide import ASSUMED_LEVEL0_MPP, Slide, level0_mpp, mpp_or_assumed
 
-__all__ = ["TissueMask", "detect_tissue", "save_tissue_png", "tissue_geojson", "save_tissue_geojson"]
+__all__ = ["TissueMask", "detect_tissue", "saturation_value"]
 
-ASSUMED_LEVEL0_MPP = 0.5  # 20x, used only to size the mask and areas of slides without mpp metadata
 _BLOCK_PIXELS = 2048  # level pixels read per block while building the thumbnail, bounds memory
 
 
@@ -146,7 +136,7 @@ def detect_tissue(
             "mask (pass mpp_override to set it)",
             stacklevel=2,
         )
-        base_mpp = ASSUMED_LEVEL0_MPP
+    base_mpp = mpp_or_assumed(base_mpp)
     read_level, factor = _working_resolution(slide, mpp, level, base_mpp)
     thumbnail = _thumbnail(slide, read_level, factor)
     downsample = slide.level_downsamples[read_level] * factor
@@ -176,60 +166,3 @@ def _empty_reason(path: str, found: np.ndarray, pixel_um2: float, min_area_um2: 
             f"tissue detection's min_area_um2 of {min_area_um2:g} um2 (the largest is {largest:.0f} um2, the whole "
             f"image {found.size * pixel_um2:.0f} um2), so none is kept; for images this small, lower it with the "
             "inferer's tissue_kwargs={'min_area_um2': ...}")
-
-
-def save_tissue_png(
-    tissue: TissueMask, path: str | os.PathLike, thumbnail: np.ndarray | None = None
-) -> list[Path]:
-    """Write the mask as a 0/255 PNG and, given a thumbnail, ``<stem>_overlay.png`` with tissue tinted green."""
-    path = Path(path)
-    imsave(path, (tissue.mask * 255).astype(np.uint8), check_contrast=False)
-    if thumbnail is None:
-        return [path]
-    if thumbnail.shape[:2] != tissue.mask.shape:
-        raise ValueError(f"{path}: thumbnail {thumbnail.shape[:2]} does not match the mask {tissue.mask.shape}")
-    overlay = thumbnail.astype(np.float32)
-    overlay[tissue.mask] = 0.6 * overlay[tissue.mask] + 0.4 * np.array([0, 200, 0])
-    overlay[find_boundaries(tissue.mask, mode="inner")] = (0, 160, 0)
-    overlay_path = path.with_name(f"{path.stem}_overlay.png")
-    imsave(overlay_path, overlay.astype(np.uint8), check_contrast=False)
-    return [path, overlay_path]
-
-
-def _mask_geometry(mask: np.ndarray) -> shapely.Geometry:
-    """Polygons with holes tracing a boolean mask, in mask (col, row) pixel-centre coordinates.
-
-    The contours of a binary mask never cross, so XOR-ing all of them nests holes inside their outlines.
-    """
-    contours = find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
-    rings = [Polygon(c[:, ::-1] - 1.0) for c in contours if len(c) >= 4]
-    return shapely.symmetric_difference_all([r.buffer(0) for r in rings if r.area > 0])
-
-
-def tissue_geojson(tissue: TissueMask, simplify_px: float = 1.0) -> dict:
-    """QuPath GeoJSON FeatureCollection of the tissue: one annotation per piece, LEVEL-0 ``(x, y)`` pixels."""
-    geometry = _mask_geometry(tissue.mask).simplify(simplify_px)
-    ds = tissue.downsample
-    # mask pixel (col, row) centre sits at level-0 ((col + 0.5) * ds, (row + 0.5) * ds)
-    geometry = affine_transform(geometry, [ds, 0, 0, ds, 0.5 * ds, 0.5 * ds])
-    pieces = [g for g in getattr(geometry, "geoms", [geometry]) if not g.is_empty]
-    features = [
-        {
-            "type": "Feature",
-            "geometry": mapping(piece),
-            "properties": {
-                "objectType": "annotation",
-                "classification": {"name": "Tissue", "color": [0, 160, 0]},
-                "saturationThreshold": tissue.threshold,
-            },
-        }
-        for piece in pieces
-    ]
-    return {"type": "FeatureCollection", "features": features}
-
-
-def save_tissue_geojson(tissue: TissueMask, path: str | os.PathLike) -> Path:
-    """Write :func:`tissue_geojson` to ``path`` for QuPath (File > Import objects)."""
-    path = Path(path)
-    path.write_text(json.dumps(tissue_geojson(tissue)))
-    return path

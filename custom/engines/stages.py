@@ -12,9 +12,7 @@ from ignite.handlers import Checkpoint
 from monai.engines import Workflow
 from monai.handlers import CheckpointSaver
 
-from custom.checkpoints import UnreadableCheckpoint
-
-__all__ = ["epoch_checkpoints", "StageCheckpointSaver", "run_stage", "load_weights"]
+__all__ = ["epoch_checkpoints", "StageCheckpointSaver", "run_stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,24 +86,3 @@ def run_stage(
     trainer.run()
     return trainer
 
-
-def load_weights(network: torch.nn.Module, path: str | Path, key: str | None = None) -> torch.nn.Module:
-    """Load weights saved by ``CheckpointSaver`` into ``network``, in place, and return it.
-
-    The file holds either several objects keyed by name (``key`` picks the network's entry) or, when the saver had
-    a single object, that object's state dict, plus Ignite's ``"checkpointer"`` record with ``key_metric_save_state``.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch's zip reader and unpicklers raise many types for one problem
-        raise UnreadableCheckpoint(path, err) from None
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not the weights CheckpointSaver writes")
-    state.pop("checkpointer", None)
-    if key is not None and key in state:
-        state = state[key]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as e:
-        raise RuntimeError(f"{path} does not match the network ({type(network).__name__}): {e}") from e
-    return network

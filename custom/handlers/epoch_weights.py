@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom.handlers.role_swap import _unwrap
+from custom.distributed import unwrap_network
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -41,5 +41,5 @@ class EpochWeightsSaver:
         self.save_dir.mkdir(parents=True, exist_ok=True)
         path = self.save_dir / f"{self.prefix}_epoch={engine.state.epoch}.pt"
         partial = path.with_suffix(".pt.part")
-        torch.save(_unwrap(self.network).state_dict(), partial)
+        torch.save(unwrap_network(self.network).state_dict(), partial)
         os.replace(partial, path)

@@ -7,7 +7,7 @@ import itertools
 import logging
 import os
 from collections import Counter
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
@@ -16,13 +16,12 @@ import torch
 import torch.distributed as dist
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer
-from monai.transforms import LoadImage, Transform
-from monai.transforms.traits import RandomizableTrait
 from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image
 
-from custom.engines.distillation_trainer import PSEUDO_KEY, DistillationEvents
-from custom.engines.distributed import barrier, rank, world_size
+from custom.distributed import barrier, rank, world_size
+from custom.engines.distillation_trainer import DistillationEvents
+from custom.transforms import pseudo_label_path
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -30,17 +29,10 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["PseudoLabelHandler", "LoadPseudoLabeld", "MANIFEST_NAME", "MANIFEST_FIELDS"]
+__all__ = ["PseudoLabelHandler", "MANIFEST_NAME", "MANIFEST_FIELDS"]
 
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_FIELDS = ("name", "image", "label", "png", "nifti", "round", "epoch", "mean_prob")
-
-
-def _pseudo_label_path(output_dir: str | os.PathLike, name: str, suffix: str) -> str:
-    """``output_dir/name + suffix``; names come from data, so refuse ones that would leave the folder."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f"image name {name!r} cannot name a pseudo-label file (empty, or holds a path separator).")
-    return os.path.join(os.fspath(output_dir), name + suffix)
 
 
 class PseudoLabelHandler:
@@ -50,7 +42,7 @@ class PseudoLabelHandler:
     role swap, once the new teacher is final on every rank, whatever the order of the trainer's handlers).
 
     Per image ``name`` it writes ``output_dir/name.nii.gz`` (float32 probabilities, array axes (row, col) as in the
-    network's tensors: MONAI's ``NibabelReader`` and :class:`LoadPseudoLabeld` read it back unchanged, viewers that
+    network's tensors: MONAI's ``NibabelReader`` and :class:`custom.transforms.LoadPseudoLabeld` read it back unchanged, viewers that
     take NIfTI axis 0 as x show it transposed) and ``output_dir/name.png`` (uint8, probability x 255, for viewing),
     plus ``manifest.csv`` with columns ``MANIFEST_FIELDS`` (``round`` counts swaps; ``epoch`` is the trainer's).
     Files are overwritten in place, so the training transforms always read the current teacher's maps.
@@ -156,8 +148,8 @@ class PseudoLabelHandler:
 
     def _write_one(self, prob: np.ndarray, name: str, image_path: str, label: int, epoch: int) -> dict[str, Any]:
         """Write one (row, col) probability map as NIfTI and PNG; return its manifest row."""
-        nifti = _pseudo_label_path(self.output_dir, name, ".nii.gz")
-        png = _pseudo_label_path(self.output_dir, name, ".png")
+        nifti = pseudo_label_path(self.output_dir, name, ".nii.gz")
+        png = pseudo_label_path(self.output_dir, name, ".png")
         nib.save(nib.Nifti1Image(prob.astype(np.float32), np.eye(4)), nifti)
         Image.fromarray(np.round(np.clip(prob, 0.0, 1.0) * 255).astype(np.uint8)).save(png)
         return {
@@ -178,41 +170,6 @@ class PseudoLabelHandler:
     def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
         """Restore the round saved by :meth:`state_dict`."""
         self.round = int(state_dict["round"])
-
-
-class LoadPseudoLabeld(Transform, RandomizableTrait):
-    """
-    Load the cached teacher map of ``data[name_key]`` into ``data[pseudo_key]`` as a (1, H, W) float32 tensor, so
-    that dictionary augmentations listing both keys (``RandFlipd(keys=["image", "pseudo"])``) move image and
-    pseudo-label together; put it before them.
-
-    It declares ``RandomizableTrait`` although it draws no random numbers: its output changes whenever the teacher
-    changes (after a role swap), and MONAI's ``CacheDataset`` / ``PersistentDataset`` cache a pipeline only up to
-    the first such transform, so the pseudo-labels are never served stale from a cache.
-
-    Args:
-        pseudo_dir: the ``output_dir`` of :class:`PseudoLabelHandler`.
-        pseudo_key: key to write, default ``"pseudo"`` (the trainer's ``pseudo_key``).
-        name_key: key of the image name.
-    """
-
-    def __init__(self, pseudo_dir: str | os.PathLike, pseudo_key: Hashable = PSEUDO_KEY, name_key: str = "name"):
-        self.pseudo_dir = pseudo_dir
-        self.pseudo_key = pseudo_key
-        self.name_key = name_key
-        self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        """Return a copy of ``data`` with the pseudo-label added."""
-        d = dict(data)
-        path = _pseudo_label_path(self.pseudo_dir, str(d[self.name_key]), ".nii.gz")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"no pseudo-label {path} for image {d[self.name_key]!r}: "
-                "PseudoLabelHandler writes it when stage 2 starts."
-            )
-        d[self.pseudo_key] = self.loader(path)
-        return d
 
 
 def _check_written_once(rows: list[dict[str, Any]]) -> None:

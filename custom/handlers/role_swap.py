@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from custom.distributed import unwrap_network
 from custom.engines.distillation_trainer import DistillationEvents
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -117,7 +118,7 @@ class RoleSwapHandler:
         self.last_student_score = score
         if self.best_student_score is None or score > self.best_student_score:
             self.best_student_score = score
-            self.best_student_state = copy.deepcopy(_unwrap(validator.network).state_dict())
+            self.best_student_state = copy.deepcopy(unwrap_network(validator.network).state_dict())
 
     def __call__(self, engine: Engine) -> None:
         """Decide at a scheduled epoch end whether the roles swap, record and log the decision."""
@@ -142,7 +143,7 @@ class RoleSwapHandler:
     def swap(self, engine: Engine) -> None:
         """Teacher <- best (or current) student, student <- old teacher, as independent copies; then notify: first
         the handlers that finish the exchange (``ROLES_SWAPPED``), then those that use the new teacher."""
-        student = _unwrap(engine.network)
+        student = unwrap_network(engine.network)
         old_teacher_state = copy.deepcopy(engine.teacher.state_dict())
         if self.best_student_state is None:
             new_teacher_state, new_teacher_score = copy.deepcopy(student.state_dict()), self.last_student_score
@@ -191,12 +192,6 @@ class RoleSwapHandler:
         if key not in validator.state.metrics:
             raise KeyError(f"validator has no metric {key!r}; it has {sorted(validator.state.metrics)}.")
         return float(validator.state.metrics[key])
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DataParallel / DistributedDataParallel wrapper, so state-dict keys carry no prefix."""
-    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    return network.module if isinstance(network, wrappers) else network
 
 
 def _fmt(score: float | None) -> str:

@@ -12,7 +12,7 @@ For a slide ``<name>`` (all in ``<output_dir>/<name>/``):
 
 ``outputs`` selects which of the first five are written (:data:`SLIDE_OUTPUTS`, all by default); the summary always is.
 The histogram behind the summary's numbers and the reduced mask behind the polygons and the overlay are gathered
-while the pyramids stream (:class:`RasterStats`), so finishing a slide does not read its raster again.
+while the pyramids stream (``custom.inference.streaming``), so finishing a slide does not read its raster again.
 
 Both TIFFs are written at the inferred level: their level 0 is the slide's level ``level`` (downsample ``ds``), and
 their resolution tags say ``mpp = slide level-0 mpp x ds``, so viewers that place overlays by physical size (QuPath,
@@ -23,11 +23,9 @@ Plain images get ``<name>_mask.png`` (0/255), ``<name>_prob.nii.gz`` (float32 ``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -36,27 +34,21 @@ from skimage.io import imsave
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
-from custom.data.tissue import ASSUMED_LEVEL0_MPP
-from custom.inference.polygons import mask_polygons
-from custom.inference.stitch import StripMerger, read_raster_rows
+from custom.data.polygons import mask_polygons, outlines_and_holes
+from custom.data.slide import mpp_or_assumed
+from custom.inference.stitch import read_raster_rows
+from custom.inference.streaming import PYRAMID_OUTPUTS, PyramidStreamer, raster_stats, threshold_cut
 from custom.inference.wsi import SlidePrediction
 from custom.writers.asap_xml import write_asap_xml
 from custom.writers.geojson import write_qupath_geojson
-from custom.writers.pyramid_tiff import write_pyramid
 
-__all__ = ["SUMMARY_SUFFIX", "SCORE_DEFINITION", "SLIDE_OUTPUTS", "RasterStats", "RasterTiles", "PyramidStreamer",
-           "check_outputs", "summary_path", "threshold_cut", "write_slide_outputs", "write_image_outputs"]
+__all__ = ["SUMMARY_SUFFIX", "SCORE_DEFINITION", "SLIDE_OUTPUTS", "check_outputs", "summary_path", "top_k_mean",
+           "write_slide_outputs", "write_image_outputs"]
 
 SUMMARY_SUFFIX = "_summary.json"
 SCORE_DEFINITION = "mean of the top_k highest pixel probabilities of the map (robust to isolated hot pixels)"
-SLIDE_OUTPUTS = ("prob", "mask", "geojson", "asap_xml", "overlay")
+SLIDE_OUTPUTS = (*PYRAMID_OUTPUTS, "geojson", "asap_xml", "overlay")
 """Keys of the optional per-slide files (``files`` in the summary): pyramids, polygons, XML, overlay picture."""
-_TILE = 256
-
-
-def threshold_cut(threshold: float) -> int:
-    """The stored uint8 value from which a pixel is tumour: probabilities are kept as round(255 x p)."""
-    return int(np.rint(255 * threshold))
 
 
 def check_outputs(outputs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -70,126 +62,6 @@ def check_outputs(outputs: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 def summary_path(output_dir: str | os.PathLike, name: str) -> Path:
     """The summary JSON of slide ``name``: the marker of a completed slide (resume skips it)."""
     return Path(output_dir) / name / f"{name}{SUMMARY_SUFFIX}"
-
-
-class RasterStats:
-    """What one pass over the raster's rows gathers: the value histogram and a reduced tumour mask.
-
-    The mask is the raster thresholded and shrunk by ``factor`` (a power of two, majority vote per block) so that
-    its longer side is at most ``max_side``; it feeds the polygons and the overlay. Rows must arrive top to bottom,
-    in bands of any height (rows short of a whole block wait for the next band).
-    """
-
-    def __init__(self, shape_hw: tuple[int, int], threshold: int, max_side: int) -> None:
-        self.height, width = shape_hw
-        self.factor, self.threshold, self.rows = 1, threshold, 0
-        while max(self.height, width) > max_side * self.factor:
-            self.factor *= 2
-        self.histogram = np.zeros(256, np.int64)
-        self.mask = np.zeros((-(-self.height // self.factor), -(-width // self.factor)), bool)
-        self.pending = np.zeros((0, width), np.uint8)  # rows of an unfinished block
-
-    @property
-    def complete(self) -> bool:
-        """Whether every row of the raster has been counted."""
-        return self.rows >= self.height
-
-    def add(self, row: int, values: np.ndarray) -> None:
-        """Count the ``(rows, width)`` uint8 band starting at raster row ``row``."""
-        if row != self.rows:
-            raise ValueError(f"raster rows must arrive in order: expected row {self.rows}, got {row}")
-        self.histogram += np.bincount(values.ravel(), minlength=256)
-        self.rows = row + values.shape[0]
-        values = np.concatenate([self.pending, values]) if len(self.pending) else values
-        top = (self.rows - values.shape[0]) // self.factor
-        whole = values.shape[0] if self.complete else values.shape[0] // self.factor * self.factor
-        self.pending = values[whole:]
-        tumour = values[:whole] >= self.threshold
-        pad = ((0, -tumour.shape[0] % self.factor), (0, -tumour.shape[1] % self.factor))
-        blocks = np.pad(tumour, pad).reshape(-1, self.factor, self.mask.shape[1], self.factor)
-        self.mask[top : top + blocks.shape[0]] = blocks.mean(axis=(1, 3)) >= 0.5
-
-
-def raster_stats(prediction: SlidePrediction, threshold: int, max_side: int) -> RasterStats:
-    """:class:`RasterStats` of a finished raster, read from disk band by band."""
-    stats = RasterStats(prediction.shape_hw, threshold, max_side)
-    band = stats.factor * max(1, _TILE // stats.factor)
-    for row in range(0, prediction.shape_hw[0], band):
-        stats.add(row, read_raster_rows(prediction.raster, prediction.shape_hw, row, band))
-    return stats
-
-
-class RasterTiles:
-    """``write_pyramid`` tile source over a raw raster: reads one band of rows at a time, optionally thresholded.
-
-    Given the ``merger`` still blending the raster, each band is read only once the merger has written it; given
-    ``stats``, each band is also counted there (before thresholding).
-    """
-
-    def __init__(self, path: Path, shape_hw: tuple[int, int], threshold: int | None = None,
-                 merger: StripMerger | None = None, stats: RasterStats | None = None) -> None:
-        self.path, self.shape_hw, self.threshold, self.merger, self.stats = path, shape_hw, threshold, merger, stats
-        self.band_row, self.band = -1, np.zeros((0, 0), np.uint8)
-
-    def __call__(self, row: int, col: int, height: int, width: int) -> np.ndarray:
-        if row != self.band_row:
-            if self.merger is not None:
-                self.merger.wait_rows(row + height)
-            self.band_row, self.band = row, read_raster_rows(self.path, self.shape_hw, row, height)
-            if self.stats is not None:
-                self.stats.add(row, self.band)
-            if self.threshold is not None:
-                self.band = np.where(self.band >= self.threshold, 255, 0).astype(np.uint8)
-        return self.band[:height, col : col + width]
-
-
-class PyramidStreamer:
-    """Writes the probability and mask pyramids in background threads from the rows the merger has finished.
-
-    Pass :meth:`start` as ``on_start`` of ``WholeSlideInferer``: the TIFFs are written while the network runs (TIFF
-    encoding releases the GIL), and :meth:`result` waits for them and re-raises a writing error. The first pyramid
-    written also fills :attr:`stats` (histogram and reduced mask) on the way.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, name: str, threshold: float = 0.5,
-                 outputs: tuple[str, ...] = SLIDE_OUTPUTS, max_polygon_side: int = 8192) -> None:
-        self.folder, self.name, self.cut = Path(output_dir) / name, name, threshold_cut(threshold)
-        self.kinds = [kind for kind in ("prob", "mask") if kind in check_outputs(outputs)]
-        self.max_polygon_side = max_polygon_side
-        self.pool = ThreadPoolExecutor(2, thread_name_prefix=f"pyramids-{name}")
-        self.futures: dict[str, Future] = {}
-        self.stats: RasterStats | None = None
-
-    def start(self, merger: StripMerger, mpp: float) -> None:
-        """Begin writing ``<name>_prob.tif`` and/or ``<name>_mask.tif`` (``mpp`` um per pixel) as rows finish."""
-        self.write(merger.path, merger.shape_hw, mpp, merger)
-
-    def write(self, raster: Path, shape: tuple[int, int], mpp: float, merger: StripMerger | None = None) -> None:
-        """Begin writing the pyramids of ``raster``: a finished one, or one that ``merger`` is still blending."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self.kinds:
-            self.stats = RasterStats(shape, self.cut, self.max_polygon_side)
-        for kind in self.kinds:
-            stats = self.stats if kind == self.kinds[0] else None
-            tiles = RasterTiles(raster, shape, None if kind == "prob" else self.cut, merger, stats)
-            self.futures[kind] = self.pool.submit(write_pyramid, self.folder / f"{self.name}_{kind}.tif", tiles, shape,
-                                                  1, mpp, downsample="mean" if kind == "prob" else None)
-
-    def discard(self) -> None:
-        """Wait for the writing threads and remove the pyramids they wrote: a slide whose inference failed must not
-        leave TIFFs that look complete (the threads finish them from a raster that stopped filling)."""
-        for kind, future in self.futures.items():
-            with contextlib.suppress(Exception):  # the inference error is the one to report
-                future.result()
-            (self.folder / f"{self.name}_{kind}.tif").unlink(missing_ok=True)
-        self.pool.shutdown()
-
-    def result(self) -> dict[str, Path]:
-        """The written pyramids (an empty dict if none were started), once all are complete."""
-        try:
-            return {key: future.result() for key, future in self.futures.items()}
-        finally:
-            self.pool.shutdown()
 
 
 def top_k_mean(histogram: np.ndarray, k: int) -> float:
@@ -223,7 +95,7 @@ def write_slide_outputs(
 ) -> dict:
     """Write the requested ``outputs`` of one slide and return its summary (also written, last, as JSON).
 
-    ``pyramids`` is the :class:`PyramidStreamer` that wrote the TIFFs while the network ran (made with the same
+    ``pyramids`` is the ``PyramidStreamer`` that wrote the TIFFs while the network ran (made with the same
     ``threshold``, ``outputs`` and ``max_polygon_side``); without one they are written here. Waiting for them counts as
     ``write`` time, and their statistics spare a second pass over the raster.
     """
@@ -231,7 +103,7 @@ def write_slide_outputs(
     outputs = check_outputs(outputs)
     folder = Path(output_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
-    level0_mpp = prediction.level0_mpp or ASSUMED_LEVEL0_MPP
+    level0_mpp = mpp_or_assumed(prediction.level0_mpp)
     ds = prediction.downsample
     cut = threshold_cut(threshold)
     shape = prediction.shape_hw
@@ -248,8 +120,7 @@ def write_slide_outputs(
     if "geojson" in outputs:
         files["geojson"] = write_qupath_geojson(folder / f"{name}.geojson", polygons)
     if "asap_xml" in outputs:
-        rings = [np.asarray(p.exterior.coords)[:-1] for p in polygons]
-        holes = [np.asarray(h.coords)[:-1] for p in polygons for h in p.interiors]
+        rings, holes = outlines_and_holes(polygons)
         groups = ["_0"] * len(rings) + ["_2"] * len(holes)
         files["asap_xml"] = write_asap_xml(folder / f"{name}.xml", rings + holes, groups)
     tissue = prediction.tissue

@@ -17,30 +17,28 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from custom.checkpoints import UnreadableCheckpoint
+from custom.checkpoints import load_weights
 from custom.data.datalist import load_slide_datalist
-from custom.data.slide import BACKENDS, open_slide
+from custom.data.slide import BACKENDS, PLAIN_SUFFIXES, SLIDE_SUFFIXES, open_slide
 from custom.inference.outputs import (
     SLIDE_OUTPUTS,
-    PyramidStreamer,
     check_outputs,
     summary_path,
     write_image_outputs,
     write_slide_outputs,
 )
 from custom.inference.plain_image import PlainImage
+from custom.inference.streaming import PyramidStreamer
 from custom.inference.wsi import WholeSlideInferer
 
-__all__ = ["SLIDE_SUFFIXES", "PLAIN_SUFFIXES", "SlideInferenceError", "inference_items", "load_checkpoint",
+__all__ = ["SlideInferenceError", "inference_items",
            "SlideInferenceRunner", "raise_for_failures"]
 
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu")
-PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 logger = logging.getLogger(__name__)
 
 
@@ -94,44 +92,6 @@ def _unique_names(items: list[dict]) -> list[dict]:
                              f"their outputs would both go to {item['name']}/ (config key 'input'); rename one")
         seen[item["name"]] = item["path"]
     return items
-
-
-def load_checkpoint(network: torch.nn.Module, ckpt_path: str | os.PathLike | None) -> torch.nn.Module:
-    """Load a plain state_dict into ``network``, explaining a missing file or a mismatch by the config keys."""
-    if ckpt_path is None:
-        return network
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(
-            f"no trained model at {ckpt_path} (config key 'ckpt_path'): train one with bundle/configs/train.json, "
-            "or set ckpt_path to a state_dict of 'network_def'"
-        )
-    try:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch's zip reader and unpicklers raise many types for one problem
-        raise UnreadableCheckpoint(ckpt_path, err, "config key 'ckpt_path'") from None
-    problem = _state_mismatch(network, state)
-    if problem:  # checked before loading: a refused checkpoint leaves the network as it was
-        raise ValueError(
-            f"checkpoint {ckpt_path} (config key 'ckpt_path') does not match the network built by 'network_def' "
-            f"(check e.g. 'network_width'): {problem}"
-        )
-    network.load_state_dict(state)
-    return network
-
-
-def _state_mismatch(network: torch.nn.Module, state: object) -> str:
-    """Why ``state`` cannot be loaded into ``network`` (missing, unexpected or differently shaped keys), or ''."""
-    if not isinstance(state, Mapping):
-        return f"it holds a {type(state).__name__}, not a state_dict"
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
-    parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
-             for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("size mismatch", shapes))
-             if keys]
-    return "; ".join(parts)
 
 
 def remove_scratch(folder: Path, name: str) -> list[Path]:
@@ -232,7 +192,8 @@ class SlideInferenceRunner:
         """Infer every item not yet done; return (and write as ``run_summary.json``) done/skipped/failed."""
         _check_writable(self.output_dir)
         items = self.assigned(inference_items(self.dataset))
-        load_checkpoint(self.network, self.ckpt_path)
+        if self.ckpt_path is not None:
+            load_weights(self.network, self.ckpt_path, config_key="ckpt_path")
         report: dict[str, list] = {"done": [], "skipped": [], "failed": []}
         for item in items:
             if not self.overwrite and summary_path(self.output_dir, item["name"]).is_file():

@@ -26,8 +26,8 @@ from torch.fx.experimental.optimization import fuse
 from tqdm import tqdm
 
 from custom.data.grid import TileGrid, make_tile_grid
-from custom.data.slide import Slide, level0_mpp, select_level
-from custom.data.tissue import ASSUMED_LEVEL0_MPP, TissueMask, detect_tissue
+from custom.data.slide import Slide, level0_mpp, mpp_or_assumed, select_level
+from custom.data.tissue import TissueMask, detect_tissue
 from custom.inference.stitch import StripMerger, importance_map
 
 __all__ = ["STAGES", "SlidePrediction", "TileDataset", "WholeSlideInferer", "inference_network"]
@@ -170,7 +170,7 @@ class WholeSlideInferer:
 
         ``on_start(merger, output_mpp)`` is called once the raster exists, so outputs can be streamed from its
         finished rows (``StripMerger.wait_rows``) while the network still runs; ``output_mpp`` is the raster's
-        microns per pixel (from ``ASSUMED_LEVEL0_MPP`` when the slide has none, as in the summary).
+        microns per pixel (from ``custom.data.slide.mpp_or_assumed``, as in the summary).
         """
         start = time.perf_counter()
         timings = dict.fromkeys(STAGES, 0.0)
@@ -182,7 +182,7 @@ class WholeSlideInferer:
         merger = StripMerger(raster_path, shape_hw, self.weights)
         mpp = level0_mpp(slide, self.mpp_override)
         if on_start is not None:
-            on_start(merger, (mpp or ASSUMED_LEVEL0_MPP) * grid.downsample)
+            on_start(merger, mpp_or_assumed(mpp) * grid.downsample)
         try:
             self._run_tiles(TileDataset(slide, grid, preprocessing), network, merger, timings)
         finally:

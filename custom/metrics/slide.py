@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
 import torch
 from monai.apps.pathology.utils import compute_isolated_tumor_cells, compute_multi_instance_mask
 from monai.metrics import compute_froc_curve_data, compute_froc_score, compute_roc_auc
@@ -40,51 +39,18 @@ from monai.metrics.froc import compute_fp_tp_probs_nd
 from monai.transforms import ProbNMS
 from skimage.measure import block_reduce
 
+from custom import tables
 from custom.data.annotations import BACKGROUND, EXCLUDED, TUMOUR, read_asap_xml, rasterize_annotations
 from custom.data.datalist import load_slide_datalist
-from custom.data.slide import _read_tiff_region  # the project's tile-selective TIFF decoder (no zarr needed)
+from custom.data.tiff import LabelTiff
 
-__all__ = ["FROC_FPS", "LabelTiff", "truth_reader", "SlideOverlap", "evaluate_slide", "froc", "SlideEvaluator", "format_table"]
+__all__ = ["FROC_FPS", "truth_reader", "SlideOverlap", "evaluate_slide", "froc", "SlideEvaluator", "format_table"]
 
 FROC_FPS = (0.25, 0.5, 1, 2, 4, 8)
 """False positives per slide at which Camelyon16 averages the sensitivity."""
 
 BandReader = Callable[[int, int], np.ndarray]
 """``(row, height) -> (height, width)`` uint8 labels (0 / 1 / 2) of one band of the inferred level."""
-
-
-class LabelTiff:
-    """A one-channel (pyramidal) TIFF read band by band: masks and probability maps, ground truth or predicted.
-
-    ``custom.data.Slide`` reads RGB only; this decodes just the tiles (or strips) a band touches.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.tif = tifffile.TiffFile(self.path)
-        self.pages = [level.keyframe for level in self.tif.series[0].levels]
-        if self.pages[0].samplesperpixel != 1:
-            raise ValueError(f"{self.path}: expected a one-channel mask or map, found {self.pages[0].samplesperpixel}")
-        self.size_wh = (self.pages[0].imagewidth, self.pages[0].imagelength)
-        self.downsamples = [self.size_wh[0] / page.imagewidth for page in self.pages]
-
-    def rows(self, row: int, height: int, level: int = 0) -> np.ndarray:
-        """Rows ``[row, row + height)`` of ``level``, full width, as ``(height, width)`` uint8."""
-        page = self.pages[level]
-        return _read_tiff_region(page, row, 0, height, page.imagewidth)[..., 0]
-
-    def sampled_rows(self, ds: float, row: int, height: int, width: int) -> np.ndarray:
-        """Rows of the grid of downsample ``ds``, each pixel taken at its centre from the closest finer level."""
-        level = max(i for i, d in enumerate(self.downsamples) if d <= ds * (1 + 1e-6))
-        d, page = self.downsamples[level], self.pages[level]
-        rows = np.minimum(((np.arange(row, row + height) + 0.5) * ds / d).astype(np.int64), page.imagelength - 1)
-        cols = np.minimum(((np.arange(width) + 0.5) * ds / d).astype(np.int64), page.imagewidth - 1)
-        top = int(rows[0])
-        return self.rows(top, int(rows[-1]) - top + 1, level)[rows - top][:, cols]
-
-    def close(self) -> None:
-        """Close the file."""
-        self.tif.close()
 
 
 def _labels(values: np.ndarray) -> np.ndarray:
@@ -288,11 +254,11 @@ def format_table(report: dict) -> str:
     def cell(value: float | None) -> str:
         return f"{'-':>8}" if value is None else f"{value:>8.3f}"
 
-    lines = [f"{'slide':<24}{'label':>6}{'score':>8}{'dice':>8}{'iou':>8}{'lesions':>9}{'found':>7}{'FP':>5}"]
-    for r in report["slides"]:
-        counts = "".join(f"{r[k]:>{w}}" if k in r else f"{'-':>{w}}"
-                         for k, w in (("lesions", 9), ("lesions_detected", 7), ("false_positives", 5)))
-        lines.append(f"{r['name']:<24}{r['label']:>6}{cell(r['score'])}{cell(r['dice'])}{cell(r['iou'])}{counts}")
+    numbers = [tables.Column(k, 8, ">", ".3f") for k in ("score", "dice", "iou")]
+    counts = [tables.Column("lesions", 9), tables.Column("found", 7), tables.Column("FP", 5)]
+    columns = [tables.Column("slide", 24, "<"), tables.Column("label", 6), *numbers, *counts]
+    keys = ("name", "label", "score", "dice", "iou", "lesions", "lesions_detected", "false_positives")
+    lines = [tables.format_table(columns, [[r.get(k) for k in keys] for r in report["slides"]])]
     lines.append(f"mean dice {cell(report['dice']).strip()}  iou {cell(report['iou']).strip()}  "
                  f"(positives: dice {cell(report['dice_pos']).strip()}, iou {cell(report['iou_pos']).strip()})  "
                  f"slide AUC {cell(report['auc']).strip()}  FROC {cell(report['froc']).strip()}")

@@ -3,23 +3,29 @@
 
 QuPath (File > Import objects) reads ``properties.objectType`` ("annotation" or "detection") and
 ``properties.classification`` (``{"name", "color"}``). Coordinates are level-0 pixels in ``(x, y)`` order;
-holes are the polygons' interior rings.
+holes are the polygons' interior rings. Tumour (``custom.inference.outputs``) and tissue (``custom.writers.tissue``)
+features are both built here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from shapely.geometry import Polygon, mapping
 
 __all__ = ["qupath_features", "write_qupath_geojson"]
 
 
-def qupath_features(polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0)) -> dict:
-    """A FeatureCollection with one annotation per polygon, classified as ``name``."""
+def qupath_features(
+    polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0),
+    properties: Mapping[str, Any] | None = None,
+) -> dict:
+    """A FeatureCollection with one annotation per polygon, classified as ``name``, with ``properties`` added to each
+    (e.g. the tissue detection's threshold) so QuPath shows them as measurements."""
     features = [
         {
             "type": "Feature",
@@ -27,6 +33,7 @@ def qupath_features(polygons: Sequence[Polygon], name: str = "Tumor", color: Seq
             "properties": {
                 "objectType": "annotation",
                 "classification": {"name": name, "color": list(color)},
+                **(properties or {}),
             },
         }
         for polygon in polygons
@@ -35,9 +42,10 @@ def qupath_features(polygons: Sequence[Polygon], name: str = "Tumor", color: Seq
 
 
 def write_qupath_geojson(
-    path: str | os.PathLike, polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0)
+    path: str | os.PathLike, polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0),
+    properties: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``polygons`` (level-0 ``(x, y)``) as a QuPath GeoJSON FeatureCollection; none gives an empty one."""
     path = Path(path)
-    path.write_text(json.dumps(qupath_features(polygons, name, color)))
+    path.write_text(json.dumps(qupath_features(polygons, name, color, properties)))
     return path

@@ -38,7 +38,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 from custom.data.slide import SlideReadError, open_slide
 from custom.inference import PlainImage
-from custom.inference.runner import PLAIN_SUFFIXES
+from custom.data.slide import PLAIN_SUFFIXES
 
 logger = logging.getLogger(__name__)
 

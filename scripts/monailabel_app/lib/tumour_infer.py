@@ -3,7 +3,7 @@
 
 Nothing is re-implemented here: the network (``network_def`` + ``ckpt_path``), the normalisation
 (``preprocessing``), the sliding window with Gaussian blending (``inferer``, ``custom.inference.WholeSlideInferer``),
-the ``threshold`` and the outlines (``custom.inference.mask_polygons``) are the ones the bundle's own inference runs.
+the ``threshold`` and the outlines (``custom.data.polygons``) are the ones the bundle's own inference runs.
 MONAI Label's ``BundleInferTask`` is not used: it imports torchvision (``monailabel.transform.post``), which has no
 CPU build beside this project's torch, and it would rebuild the pipeline from MONAI transforms instead.
 
@@ -35,15 +35,15 @@ from scipy import ndimage
 from shapely.geometry import Polygon
 from skimage.io import imsave
 
+from custom.checkpoints import load_weights
 from custom.data.morphology import drop_small_pieces, fill_small_holes
-from custom.data.slide import open_slide
-from custom.data.tissue import ASSUMED_LEVEL0_MPP
-from custom.inference import PlainImage, load_checkpoint, mask_polygons
-from custom.inference.outputs import threshold_cut
-from custom.inference.runner import PLAIN_SUFFIXES
+from custom.data.polygons import mask_polygons, outlines_and_holes
+from custom.data.slide import PLAIN_SUFFIXES, level0_mpp, mpp_or_assumed, open_slide
+from custom.inference import PlainImage
 from custom.inference.stitch import read_raster_rows
+from custom.inference.streaming import threshold_cut
 
-__all__ = ["LABELS", "LABEL_COLORS", "SCRATCH_PREFIX", "TumourSegmentation", "remove_stale_scratch"]
+__all__ = ["LABELS", "LABEL_COLORS", "SCRATCH_PREFIX", "TumourSegmentation", "read_request_region", "remove_stale_scratch"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,11 +110,12 @@ class TumourSegmentation(InferTask):
         parser = parse_bundle(Path(bundle_root), config_files)
         self.ckpt_path = os.fspath(ckpt_path or parser.get_parsed_content("ckpt_path"))
         self.device = torch.device(parser.get_parsed_content("device"))
-        self.network = load_checkpoint(parser.get_parsed_content("network"), self.ckpt_path).eval()
+        self.network = load_weights(parser.get_parsed_content("network"), self.ckpt_path, config_key="ckpt_path").eval()
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
         self.threshold = float(parser.get_parsed_content("threshold"))
         self.min_area_um2 = float(parser.get_parsed_content("min_area_um2"))
+        self.mpp_override = parser.get_parsed_content("mpp_override")
         meta = parser.get("_meta_", {})
         # MONAI Label pastes the description into its ASAP XML unescaped: "H&E" would make the answer unreadable.
         description = f"{meta.get('name', 'tumour segmentation')} {meta.get('version', '')}".strip()
@@ -168,7 +169,7 @@ class TumourSegmentation(InferTask):
         """Contours of one region (checked by the app before it gets here) in level-0 ``(x, y)``."""
         start = time.perf_counter()
         level, location_xy, size_wh = int(request.get("level", 0)), request["location"], request["size"]
-        image, downsample, mpp = _read_region(request["image"], location_xy, size_wh, level)
+        image, downsample, mpp = read_request_region(request["image"], location_xy, size_wh, level, self.mpp_override)
         read = time.perf_counter()
         mask = self.mask(self.probabilities(image))
         inferred = time.perf_counter()
@@ -190,14 +191,18 @@ def _clean_tile(mask: np.ndarray, min_pixels: float) -> np.ndarray:
     return fill_small_holes(kept, min_pixels, fill_border=False)
 
 
-def _read_region(path: str, location_xy: Sequence[int], size_wh: Sequence[int], level: int) -> tuple:
-    """Pixels of the region as a one-level image, its downsample to level 0 and the level-0 microns per pixel."""
+def read_request_region(path: str, location_xy: Sequence[int], size_wh: Sequence[int], level: int,
+                 mpp_override: float | None = None) -> tuple:
+    """Pixels of the region as a one-level image, its downsample to level 0 and the level-0 microns per pixel (the
+    config's ``mpp_override`` when set, as the bundle's inference takes it)."""
     location, size = (int(location_xy[0]), int(location_xy[1])), (int(size_wh[0]), int(size_wh[1]))
     if Path(path).suffix.lower() in PLAIN_SUFFIXES:
-        return PlainImage(path, PlainImage.read(path).read_region(location, size, level)), 1.0, ASSUMED_LEVEL0_MPP
+        image = PlainImage.read(path)
+        mpp = mpp_or_assumed(level0_mpp(image, mpp_override))
+        return PlainImage(path, image.read_region(location, size, level)), 1.0, mpp
     with open_slide(path) as slide:
         pixels = slide.read_region(location, size, level)
-        mpp = slide.mpp[0] if slide.mpp else ASSUMED_LEVEL0_MPP
+        mpp = mpp_or_assumed(level0_mpp(slide, mpp_override))
         return PlainImage(path, pixels), float(slide.level_downsamples[level]), mpp
 
 
@@ -205,11 +210,10 @@ def _elements(polygons: list[Polygon], location_xy: Sequence[int]) -> list[dict]
     """MONAI Label annotation elements: outlines as ``tumour``, their holes as ``exclusion``, shifted to level 0."""
     x0, y0 = float(location_xy[0]), float(location_xy[1])
 
-    def ring(coords: Any) -> list[list[float]]:
-        return [[round(x + x0, 1), round(y + y0, 1)] for x, y in list(coords)[:-1]]
+    def ring(points: np.ndarray) -> list[list[float]]:
+        return [[round(x + x0, 1), round(y + y0, 1)] for x, y in points.tolist()]
 
-    outlines = [ring(p.exterior.coords) for p in polygons]
-    holes = [ring(h.coords) for p in polygons for h in p.interiors]
+    outlines, holes = (list(map(ring, rings)) for rings in outlines_and_holes(polygons))
     return [{"label": label, "contours": contours}
             for label, contours in (("tumour", outlines), ("exclusion", holes)) if contours]
 

@@ -6,7 +6,7 @@ import json
 
 import torch.distributed as dist
 
-from custom.engines.distributed import barrier, rank, world_size
+from custom.distributed import barrier, rank, world_size
 from custom.inference.runner import SlideInferenceRunner, raise_for_failures
 
 __all__ = ["ShardedSlideInferenceRunner"]

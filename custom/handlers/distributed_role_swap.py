@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from custom.distributed import rank, state_digest, unwrap_network, world_size
 from custom.engines.distillation_trainer import DistillationEvents
-from custom.engines.distributed import rank, state_digest, world_size
-from custom.handlers.role_swap import RoleSwapHandler, _unwrap
+from custom.handlers.role_swap import RoleSwapHandler
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -49,7 +49,7 @@ class DistributedRoleSwapHandler(RoleSwapHandler):
 
     def synchronise(self, engine: Engine) -> None:
         """Overwrite every rank's teacher and student with rank 0's, in place (the optimizer keeps its parameters)."""
-        networks = {"teacher": engine.teacher, "student": _unwrap(engine.network)}
+        networks = {"teacher": engine.teacher, "student": unwrap_network(engine.network)}
         if world_size() > 1:
             for network in networks.values():
                 for tensor in network.state_dict().values():

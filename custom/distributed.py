@@ -1,5 +1,7 @@
-"""What a bundle run under ``torchrun`` needs besides MONAI's own samplers and DDP: which handlers a rank keeps,
-rank-0-only steps, a barrier at the end of a stage, and a digest to compare weights across ranks."""
+"""What a bundle run under ``torchrun`` needs besides MONAI's own samplers and DDP: which rank this is, which handlers
+a rank keeps, rank-0-only steps, a barrier at the end of a stage, the network inside a DDP wrapper, and a digest to
+compare weights across ranks. The distributed variants of components live beside them: the role swap's in
+``custom.handlers.distributed_role_swap``, the sharded inference runner in ``custom.inference.sharded``."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["REPORTING_HANDLERS", "rank", "world_size", "handlers_for_rank", "on_rank_zero_alone", "StageBarrier",
-           "state_digest"]
+__all__ = ["REPORTING_HANDLERS", "rank", "world_size", "barrier", "handlers_for_rank", "on_rank_zero_alone",
+           "StageBarrier", "unwrap_network", "state_digest"]
 
 # handlers that only log or write files: one copy (rank 0) is enough, the others would duplicate or race
 REPORTING_HANDLERS = (StatsHandler, TensorBoardStatsHandler, ProgressBar, CheckpointSaver)
@@ -90,6 +92,12 @@ class StageBarrier:
     def __call__(self, engine: Engine) -> None:
         """The barrier itself."""
         barrier()
+
+
+def unwrap_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DataParallel / DistributedDataParallel wrapper, so state-dict keys carry no prefix."""
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return network.module if isinstance(network, wrappers) else network
 
 
 def state_digest(module: torch.nn.Module) -> str:

@@ -1,5 +1,5 @@
 # Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
-"""Tumour outlines from a binary mask: polygons with holes, simplified, small pieces dropped, in level-0 pixels.
+"""Outlines of a binary mask (tumour or tissue): polygons with holes, simplified, small pieces dropped, in level-0 px.
 
 Contours of a binary mask never cross, and marching squares orients them by what lies inside: outlines one way,
 holes the other. Each hole is given to the smallest outline that contains it (an R-tree query), so a noisy map
@@ -7,10 +7,13 @@ with many thousands of rings costs ``n log n``, not the quadratic cost of overla
 
 Coordinates: the mask is ``(rows, cols)``; one mask pixel covers ``downsample`` x ``downsample`` level-0 pixels and
 its centre lies at level-0 ``((col + 0.5) * downsample, (row + 0.5) * downsample)``. Output polygons are level-0
-``(x, y)``, as QuPath, ASAP and GeoJSON expect.
+``(x, y)``, as QuPath, ASAP and GeoJSON expect; :func:`outlines_and_holes` splits them into the separate rings that
+ASAP XML and MONAI Label take.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from shapely import STRtree
@@ -20,7 +23,7 @@ from skimage.measure import find_contours
 
 from custom.data.morphology import drop_small_pieces, fill_small_holes
 
-__all__ = ["mask_polygons"]
+__all__ = ["mask_polygons", "outlines_and_holes", "simplify_polygon"]
 
 
 def _rings(mask: np.ndarray, min_area: float) -> tuple[list[Polygon], list[Polygon]]:
@@ -71,12 +74,12 @@ def mask_polygons(
     to_level0 = [downsample, 0, 0, downsample, (left + 0.5) * downsample, (top + 0.5) * downsample]
     polygons = []
     for outline, its_holes in zip(outlines, owned):
-        polygon = affine_transform(_simplify(Polygon(outline.exterior, its_holes).buffer(0), simplify_px), to_level0)
+        polygon = affine_transform(simplify_polygon(Polygon(outline.exterior, its_holes).buffer(0), simplify_px), to_level0)
         polygons += [g for g in getattr(polygon, "geoms", [polygon]) if isinstance(g, Polygon) and not g.is_empty]
     return sorted(polygons, key=lambda p: -p.area)
 
 
-def _simplify(polygon: Polygon, tolerance: float) -> Polygon:
+def simplify_polygon(polygon: Polygon, tolerance: float) -> Polygon:
     """Douglas-Peucker: an order of magnitude faster than the topology-preserving variant on pixel staircases.
 
     GEOS repairs a Douglas-Peucker result that became invalid, e.g. by opening a hole near the outline into a notch;
@@ -85,3 +88,11 @@ def _simplify(polygon: Polygon, tolerance: float) -> Polygon:
     simple = polygon.simplify(tolerance, preserve_topology=False)
     same = isinstance(simple, Polygon) and not simple.is_empty and len(simple.interiors) == len(polygon.interiors)
     return simple if same and simple.is_valid else polygon.simplify(tolerance)
+
+
+def outlines_and_holes(polygons: Sequence[Polygon]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The outlines of ``polygons`` and then all their holes, as open ``(n, 2)`` ``(x, y)`` rings (the closing vertex
+    dropped): ASAP XML and MONAI Label store a hole as a ring of its own (group ``_2``, label ``exclusion``)."""
+    outlines = [np.asarray(p.exterior.coords)[:-1] for p in polygons]
+    holes = [np.asarray(h.coords)[:-1] for p in polygons for h in p.interiors]
+    return outlines, holes
