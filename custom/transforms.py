@@ -17,9 +17,10 @@ import numpy as np
 from monai.transforms import LoadImage, Transform
 from monai.transforms.traits import RandomizableTrait
 
-from custom.engines.distillation_trainer import PSEUDO_KEY
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PSEUDO_KEY", "LoadPseudoLabeld", "pseudo_label_path"]
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LoadPseudoLabeld", "pseudo_label_path"]
+PSEUDO_KEY = "pseudo"
+"""Batch key of the teacher map a student learns (cached by ``LoadPseudoLabeld`` or computed by the trainer)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel mean of ImageNet RGB in [0, 1]: the VGG16-BN trunk was pretrained on images normalised with it."""

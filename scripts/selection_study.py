@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import fire
-import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from scipy.stats import spearmanr

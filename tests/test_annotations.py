@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from custom.data.annotations import EXCLUDED, TUMOUR, read_asap_xml, rasterize_annotations
+from custom.data.annotations import EXCLUDED, TUMOUR, rasterize_annotations, read_asap_xml
 
 
 def _annotation(name, group, points, kind="Polygon"):

@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pyramid_files import write_pyramid
 
 from custom.checkpoints import UnreadableCheckpoint, load_weights
 from custom.data.synthetic import SyntheticSpec, generate_dataset
 from custom.inference import SlideInferenceRunner, WholeSlideInferer, inference_items
 from custom.networks import DWSMIL
-
-from pyramid_files import write_pyramid
 
 ROOT = Path(__file__).resolve().parents[1]
 PURPLE, WHITE = (150, 60, 170), (245, 245, 245)

@@ -31,9 +31,9 @@ from skimage.io import imread, imsave
 pytest.importorskip("monailabel", reason="MONAI Label is not installed: run `bash scripts/install_monailabel.sh`")
 httpx = pytest.importorskip("httpx", reason="httpx comes with MONAI Label's dependencies")
 
-from custom.networks import DWSMIL  # noqa: E402
-
 from pyramid_files import write_pyramid  # noqa: E402
+
+from custom.networks import DWSMIL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 0.25  # network_width of bundle/configs/cpu_inference.json, which the server is started with

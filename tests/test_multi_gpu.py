@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bundle_training import TINY as SINGLE_PROCESS_TINY
 
 from custom.data.synthetic import SyntheticSpec, generate_dataset
 from custom.distributed import state_digest
 from custom.networks import DWSMIL
-from test_bundle_training import TINY as SINGLE_PROCESS_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "bundle" / "configs"

@@ -15,6 +15,8 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
+from custom.transforms import PSEUDO_KEY
+
 if TYPE_CHECKING:
     from ignite.engine import Engine, EventEnum
     from ignite.metrics import Metric
@@ -25,9 +27,8 @@ else:
         "ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum", as_type="base"
     )
 
-__all__ = ["DistillationEvents", "DistillationTrainer", "PSEUDO_KEY"]
+__all__ = ["DistillationEvents", "DistillationTrainer"]
 
-PSEUDO_KEY = "pseudo"
 
 
 class DistillationEvents(EventEnum):
@@ -48,7 +49,7 @@ class DistillationEvents(EventEnum):
 
 class DistillationTrainer(Trainer):
     """
-    Fusion knowledge distillation (docs/METHOD.md, stage 2), inherits from ``Trainer`` and ``Workflow``.
+    Fusion knowledge distillation (bundle/docs/method.md, stage 2), inherits from ``Trainer`` and ``Workflow``.
 
     Each iteration takes the teacher's maps for the batch, either the cached pseudo-labels in
     ``batchdata[pseudo_key]`` (B, 1, H, W) written by ``custom.handlers.PseudoLabelHandler``, or, with

@@ -38,7 +38,7 @@ MANIFEST_FIELDS = ("name", "image", "label", "png", "nifti", "round", "epoch", "
 class PseudoLabelHandler:
     """
     Run the trainer's teacher over the training images and cache its fused maps on disk
-    (docs/METHOD.md, pseudo-labels), on ``Events.STARTED`` and on ``DistillationEvents.TEACHER_CHANGED`` (after a
+    (bundle/docs/method.md, pseudo-labels), on ``Events.STARTED`` and on ``DistillationEvents.TEACHER_CHANGED`` (after a
     role swap, once the new teacher is final on every rank, whatever the order of the trainer's handlers).
 
     Per image ``name`` it writes ``output_dir/name.nii.gz`` (float32 probabilities, array axes (row, col) as in the
@@ -48,7 +48,7 @@ class PseudoLabelHandler:
     Files are overwritten in place, so the training transforms always read the current teacher's maps.
 
     Negative images keep the teacher's map on disk (useful to see false positives); the all-zero target that
-    METHOD.md prescribes for them is applied by ``DistillationLoss`` from the image label, in one place, so the cached
+    method.md prescribes for them is applied by ``DistillationLoss`` from the image label, in one place, so the cached
     and the teacher-forward paths train identically.
 
     With ``torch.distributed`` initialised, every rank writes the maps of its shard of ``data_loader``: give it a
@@ -56,7 +56,8 @@ class PseudoLabelHandler:
     cover the data. Rank 0 gathers the rows, restores the loader's order (that sampler deals index ``i`` to rank
     ``i % world_size``) and writes ``manifest.csv``; all ranks then wait, so none trains on maps another rank is still
     writing. An image written by two ranks (a padded or unsharded loader) is refused.
-    Attach it after a ``CheckpointLoader`` so that a resumed run writes its restored teacher's maps.
+    A resumed run writes its restored teacher's maps: ``custom.engines.run_stage`` loads the stage checkpoint
+    before the trainer starts.
 
     Args:
         data_loader: the training images without random augmentation, batches with ``image``, ``label`` and

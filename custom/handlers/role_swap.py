@@ -25,7 +25,7 @@ POLICIES = ("if_better", "periodic", "off")
 
 class RoleSwapHandler:
     """
-    Swap teacher and student of a ``custom.engines.DistillationTrainer`` (bundle/docs/README.md#method, dynamic role reversal).
+    Swap teacher and student of a ``custom.engines.DistillationTrainer`` (bundle/docs/method.md, role reversal; defects 3 and 4).
 
     The handler follows the student's validation: after every run of ``validator`` (whose ``network`` is the
     trainer's student) it reads ``validator.state.metrics[score_key]`` (higher is better, F1 in the bundle) and keeps

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from torch.fx.experimental.optimization import fuse
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from custom.data.grid import TileGrid, make_tile_grid

@@ -16,7 +16,7 @@ TARGETS = ("fused", "side")
 
 class DistillationLoss(_Loss):
     """
-    ``loss = L_kd + lambda_wce * L_wce`` between a student's output and its teacher's (docs/METHOD.md, stage 2).
+    ``loss = L_kd + lambda_wce * L_wce`` between a student's output and its teacher's (bundle/docs/method.md, stage 2).
 
     - ``L_kd``: soft Dice (``soft_dice_loss``, per image and per map, smoothing 1 as in stage 1) between every
       student map (side maps and the fused map) and the teacher's target. ``target="fused"`` (the method): every

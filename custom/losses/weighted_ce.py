@@ -18,7 +18,7 @@ class WeightedCELoss(_Loss):
     is the mean over images, so it does not depend on the batch size. An image whose binarised target holds a
     single class gets ``w = 1`` everywhere (plain BCE).
 
-    Two defects of the reference code are fixed here (see docs/METHOD.md):
+    Two defects of the reference code are fixed here (bundle/docs/method.md, defects 1 and 2):
         1. the target is the teacher map binarised at ``threshold`` (``>=``, as ``monai.transforms.AsDiscrete``),
            not the soft map cast to integer, which sent every value below 1.0 to background;
         2. the loss is computed on log-probabilities of the given probabilities (clamped to ``[eps, 1 - eps]``),

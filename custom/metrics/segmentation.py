@@ -26,8 +26,13 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 from monai.handlers import IgniteMetricHandler
-from monai.metrics import CumulativeIterationMetric, compute_dice, compute_hausdorff_distance, compute_iou
-from monai.metrics import compute_roc_auc
+from monai.metrics import (
+    CumulativeIterationMetric,
+    compute_dice,
+    compute_hausdorff_distance,
+    compute_iou,
+    compute_roc_auc,
+)
 from scipy.ndimage import gaussian_filter
 
 from custom.losses.mil import gm_pool
@@ -123,7 +128,7 @@ def summarise_scores(rows: torch.Tensor) -> dict[str, float | int]:
     return {
         "f1": _nanmean(rows[:, F1]),
         "iou": _nanmean(rows[:, IOU]),
-        "hd": _nanmean(rows[positive, HD]),  # over positives only (reference defect 7 divided by 2 x all images)
+        "hd": _nanmean(rows[positive, HD]),  # over positives only (bundle/docs/method.md, defect 7)
         "f1_pos": _nanmean(rows[positive, F1]),
         "f1_neg": _nanmean(rows[~positive, F1]),
         "iou_pos": _nanmean(rows[positive, IOU]),

@@ -30,6 +30,7 @@ import torch
 from ignite.engine import Engine
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import CumulativeIterationMetric, compute_roc_auc
+
 from custom.losses.mil import gm_pool
 from custom.metrics.segmentation import predicted_mask, publish_metrics
 

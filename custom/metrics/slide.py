@@ -40,7 +40,7 @@ from monai.transforms import ProbNMS
 from skimage.measure import block_reduce
 
 from custom import tables
-from custom.data.annotations import BACKGROUND, EXCLUDED, TUMOUR, read_asap_xml, rasterize_annotations
+from custom.data.annotations import BACKGROUND, EXCLUDED, TUMOUR, rasterize_annotations, read_asap_xml
 from custom.data.datalist import load_slide_datalist
 from custom.data.tiff import LabelTiff
 

@@ -27,18 +27,24 @@ import functools
 import logging
 from pathlib import Path
 
-import custom
 from fastapi import HTTPException
-from lib import (MAX_REGION_PIXELS, Region, StudiesDatastore, TumourSegmentation, check_region, install_guard,
-                 studies_image)
+from lib import (
+    MAX_REGION_PIXELS,
+    Region,
+    StudiesDatastore,
+    TumourSegmentation,
+    check_region,
+    install_guard,
+    studies_image,
+)
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
-from custom.data.slide import SlideReadError, open_slide
+import custom
+from custom.data.slide import PLAIN_SUFFIXES, SlideReadError, open_slide
 from custom.inference import PlainImage
-from custom.data.slide import PLAIN_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
