@@ -114,7 +114,10 @@ def write_eval_metrics(
     print(format_table(rows))
     if len(metrics.get("subsets", {})) > 1:
         per = {f"model: {name}": m for name, m in metrics["subsets"].items()}
-        print("By subset of the test images (test_subsets):\n" + format_table(per, ("n_pos", "n_neg", "f1_pos", "f1_neg", "fp_area")))
+        print(
+            "By subset of the test images (test_subsets):\n"
+            + format_table(per, ("n_pos", "n_neg", "f1_pos", "f1_neg", "fp_area"))
+        )
     print(f"Written: {output_dir / 'eval_metrics.json'}, {output_dir / 'eval_baselines.json'}")
     return metrics
 
@@ -126,10 +129,13 @@ def dataset_baselines(dataset: Sequence[Mapping], **kwargs: Any) -> dict[str, di
     is a negative image here.
     """
     masks = [np.asarray(item["mask"])[0] for item in dataset]
-    return {name: {k: _plain(v) for k, v in scores.items()} for name, scores in evaluate_baselines(masks, **kwargs).items()}
+    return {name: {k: _plain(v) for k, v in scores.items()}
+            for name, scores in evaluate_baselines(masks, **kwargs).items()}
 
 
-def select_final_model(teacher: torch.nn.Module, role_swap: RoleSwapHandler) -> tuple[dict[str, torch.Tensor], str, float | None]:
+def select_final_model(
+    teacher: torch.nn.Module, role_swap: RoleSwapHandler
+) -> tuple[dict[str, torch.Tensor], str, float | None]:
     """The weights to ship (``model.pt``): the best validated student when its validation score is higher than the
     current teacher's, else the teacher (the stage-1 MIL teacher when no swap happened, a former student otherwise).
 
@@ -141,10 +147,14 @@ def select_final_model(teacher: torch.nn.Module, role_swap: RoleSwapHandler) -> 
     return copy.deepcopy(teacher.state_dict()), _teacher_origin(role_swap), role_swap.teacher_score
 
 
-def distilled_model(teacher: torch.nn.Module, role_swap: RoleSwapHandler) -> tuple[dict[str, torch.Tensor], str, float | None]:
+def distilled_model(
+    teacher: torch.nn.Module, role_swap: RoleSwapHandler
+) -> tuple[dict[str, torch.Tensor], str, float | None]:
     """The distillation's result, reported as ``student`` even when it does not beat the stage-1 teacher: the best
     validated student, or, once a swap has made a student the teacher, the better of the two on validation."""
-    if role_swap.best_student_state is None or (_swapped(role_swap) and not role_swap.best_student_score > role_swap.teacher_score):
+    if role_swap.best_student_state is None or (
+        _swapped(role_swap) and not role_swap.best_student_score > role_swap.teacher_score
+    ):
         return copy.deepcopy(teacher.state_dict()), _teacher_origin(role_swap), role_swap.teacher_score
     return copy.deepcopy(role_swap.best_student_state), "best student", role_swap.best_student_score
 
@@ -249,13 +259,16 @@ class TrainingReport:
             "test_subsets": test_subsets, "amp": amp, "smooth_sigma": smooth_sigma, "threshold": threshold,
             "n_overlays": n_overlays,
         }
-        self.loggers = {"stage 1": (stage1_history, stage1_epoch_length), "stage 2": (stage2_history, stage2_epoch_length)}
+        self.loggers = {
+            "stage 1": (stage1_history, stage1_epoch_length), "stage 2": (stage2_history, stage2_epoch_length)
+        }
         self.config = config
 
     def write(self) -> dict[str, Any]:
         """Write the report (once training has finished); return what ``metrics.json`` holds."""
         return finish_training(
-            **self.arguments, loggers=self.loggers, config=resolved_knobs(self.config), modules=resolved_modules(self.config)
+            **self.arguments, loggers=self.loggers, config=resolved_knobs(self.config),
+            modules=resolved_modules(self.config)
         )
 
 
@@ -363,16 +376,25 @@ def finish_training(
         curves_from_loggers(loggers, (selection_key,)), output_dir / "training_curves.png", marks=swaps,
         title="stage 1 (MIL teacher) then stage 2 (distillation); dashed lines: role swaps",
     )
-    _overlays(stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays, threshold)
+    _overlays(
+        stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays,
+        threshold,
+    )
     table = format_table(
         {"MIL teacher (stage 1)": results["teacher"], "distilled student": results["student"],
          **{f"baseline: {k}": v for k, v in baselines.items()}}
     )
     logger.info("test split results\n" + table)
-    print(f"\nTest split ({results['student']['n_pos']} positive, {results['student']['n_neg']} negative images):\n{table}")
+    print(
+        f"\nTest split ({results['student']['n_pos']} positive, "
+        f"{results['student']['n_neg']} negative images):\n{table}"
+    )
     if sum(1 for _ in subsets["student"]) > 1:
         rows = {f"{model}: {subset}": m for model, per in subsets.items() for subset, m in per.items()}
-        print("By subset of the test images (test_subsets):\n" + format_table(rows, ("n_pos", "n_neg", "f1_pos", "f1_neg", "fp_area")))
+        print(
+            "By subset of the test images (test_subsets):\n"
+            + format_table(rows, ("n_pos", "n_neg", "f1_pos", "f1_neg", "fp_area"))
+        )
     print(
         f"Selection by {selection_key} (swap margin {swap_margin}). Distilled student: {distilled_source}. Outputs in "
         f"{output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, {selection_key} {val_score})"

@@ -49,7 +49,8 @@ STAGE1_FILES = ("stage1_checkpoint_epoch=*.pt", "teacher_best.pt")
 def run_training(run_dir: Path, dataset_dir: str, configs: list[str], overrides: dict) -> dict:
     """One bundle training in ``run_dir`` (resumed if it was interrupted); returns its metrics.json."""
     files = [str(CONFIGS / "train.json"), *(str(CONFIGS / c) for c in configs)]
-    args = {"dataset_dir": dataset_dir, "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "outputs"), **overrides}
+    args = {"dataset_dir": dataset_dir, "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "outputs"),
+            **overrides}
     command = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", json.dumps(files)]
     for key, value in args.items():
         command += [f"--{key}", value if isinstance(value, str) else repr(value)]  # fire reads Python literals
@@ -103,7 +104,9 @@ def rows_per_seed(results: dict[int, dict[str, dict]]) -> dict[str, list[dict]]:
         distilled = {n: m for n, m in per_variant.items() if n != SUPERVISED}
         first = next(iter(distilled.values()), None) or next(iter(per_variant.values()))
         if distilled:
-            rows.setdefault("MIL teacher (stage 1)", []).append(_with_subsets(first["teacher"], first["subsets"].get("teacher", {})))
+            rows.setdefault("MIL teacher (stage 1)", []).append(
+                _with_subsets(first["teacher"], first["subsets"].get("teacher", {}))
+            )
         for name, metrics in per_variant.items():
             label = "supervised UPPER BOUND (gt masks)" if name == SUPERVISED else f"distilled: {name}"
             rows.setdefault(label, []).append(_with_subsets(metrics["student"], metrics["subsets"].get("student", {})))
@@ -121,23 +124,28 @@ def table(results: dict[int, dict[str, dict]]) -> str:
     """Mean +- std over seeds per row; then the paired student - teacher differences, and how often model.pt was
     the better of the two on test."""
     rows = rows_per_seed(results)
-    extra = sorted({k for per_seed in rows.values() for m in per_seed for k in m if k.startswith(("fp_area[", "f1_neg["))})
+    extra = sorted({k for per_seed in rows.values() for m in per_seed for k in m
+                    if k.startswith(("fp_area[", "f1_neg["))})
     if len({k.split("[")[1] for k in extra}) < 2:  # one subset repeats the whole test split
         extra = []
     columns = [*COLUMNS, *extra]
     width = max(17, *(len(c) + 2 for c in columns))
-    cells = [[name, *(_cell([m.get(c, math.nan) for m in per_seed]) for c in columns)] for name, per_seed in rows.items()]
+    cells = [[name, *(_cell([m.get(c, math.nan) for m in per_seed]) for c in columns)]
+             for name, per_seed in rows.items()]
     lines = [f"{len(results)} seed(s): {sorted(results)}",
              format_table([Column("", 36, "<"), *(Column(c, width) for c in columns)], cells)]
     lines.append("")
     lines.append("paired over seeds: distilled student minus its own seed's stage-1 teacher")
     for variant in sorted({n for per_variant in results.values() for n in per_variant if n != SUPERVISED}):
-        diffs = {c: [m[variant]["student"][c] - m[variant]["teacher"][c] for m in results.values() if variant in m] for c in PAIRED}
+        diffs = {c: [m[variant]["student"][c] - m[variant]["teacher"][c] for m in results.values() if variant in m]
+                 for c in PAIRED}
         lines.append(f"  {variant:<20}" + "  ".join(f"{c} {_cell(v)}" for c, v in diffs.items()))
     full = [m["full"] for m in results.values() if "full" in m]
     if full:
         better = sum(shipped_metrics(m)["f1"] >= max(m["teacher"]["f1"], m["student"]["f1"]) for m in full)
-        lines.append(f"model.pt (full) was the better of teacher and student on test F1 in {better} of {len(full)} seed(s)")
+        lines.append(
+            f"model.pt (full) was the better of teacher and student on test F1 in {better} of {len(full)} seed(s)"
+        )
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ level size is ``tile + k * (tile - overlap)`` so MONAI's zero padding and the pr
 
     python scripts/bench_infer.py                              # 20,736 px slide, inferred at level 2
     python scripts/bench_infer.py --memory_check               # also the 4x larger slide (2x2 mosaic), ours only
-    python scripts/bench_infer.py --ckpt bundle/models/model.pt --level 1   # a trained network (cpu_train.json, 1 um/px)
+    python scripts/bench_infer.py --ckpt bundle/models/model.pt --level 1  # a trained network (cpu_train.json, 1 um/px)
 
 The last line is ``speedup_vs_monai=<ratio>``: the faster MONAI variant's wall time over ours, same output file.
 """

@@ -43,11 +43,16 @@ def _parser(dataset_dir: str, run_dir: Path, configs: list[str], overrides: dict
     """The run's own configuration, so that validation and test are the very splits the run used."""
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / "train.json"), *(str(CONFIGS / c) for c in configs)])
-    parser.update({"dataset_dir": dataset_dir, "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "outputs"), **overrides})
+    parser.update({
+        "dataset_dir": dataset_dir, "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "outputs"),
+        **overrides,
+    })
     return parser
 
 
-def score_validation(network: torch.nn.Module, loader, device, smooth_sigma: float, threshold: float) -> dict[str, float]:
+def score_validation(
+    network: torch.nn.Module, loader, device, smooth_sigma: float, threshold: float
+) -> dict[str, float]:
     """Every criterion of one network on the validation loader, plus the mask F1 where all positives have masks."""
     rows, mask_rows, all_masked = [], [], True
     network.eval()
@@ -84,7 +89,8 @@ def study_table(records: list[dict]) -> tuple[str, list[dict]]:
             values = [m["val"][criterion] for m in members]
             test = [m["test"]["f1"] for m in members]
             finite = [i for i, v in enumerate(values) if not math.isnan(v)]
-            rho = spearmanr([values[i] for i in finite], [test[i] for i in finite]).statistic if len(finite) > 2 else math.nan
+            rho = (spearmanr([values[i] for i in finite], [test[i] for i in finite]).statistic
+                   if len(finite) > 2 else math.nan)
             pick = _first_best(values)
             rows.append({
                 "criterion": criterion, "pool": pool, "n": len(members), "spearman": float(rho),
@@ -93,7 +99,8 @@ def study_table(records: list[dict]) -> tuple[str, list[dict]]:
             })
     columns = [Column("criterion", 22, "<"), Column("pool", 9, "<"), Column("n", 4), Column("spearman", 10, ">", ".3f"),
                Column("regret", 9, ">", ".4f"), Column("  picked (test F1)", align="<")]
-    cells = [[r["criterion"], r["pool"], r["n"], r["spearman"], r["regret"], f"  {r['picked']} ({r['picked_test_f1']:.4f})"]
+    cells = [[r["criterion"], r["pool"], r["n"], r["spearman"], r["regret"],
+              f"  {r['picked']} ({r['picked_test_f1']:.4f})"]
              for r in rows]
     return format_table(columns, cells, strip=True), rows
 
@@ -121,7 +128,8 @@ def main(
     val_loader = parser.get_parsed_content("validate#dataloader")
     test_loader = parser.get_parsed_content("test#dataloader")
     network = parser.get_parsed_content("network_def", instantiate=True).to(device)
-    found = [(m.group(1), int(m.group(2)), p) for p in (out_dir / "models" / "epoch_weights").glob("*.pt") if (m := _EPOCH_FILE.match(p.name))]
+    found = [(m.group(1), int(m.group(2)), p) for p in (out_dir / "models" / "epoch_weights").glob("*.pt")
+             if (m := _EPOCH_FILE.match(p.name))]
     records = []
     for index, (stage, epoch, path) in enumerate(sorted(found)):
         load_weights(network, path)
@@ -134,7 +142,9 @@ def main(
         print(f"[{index + 1}/{len(found)}] {stage} epoch {epoch}: test f1 {record['test']['f1']:.4f}, "
               + ", ".join(f"{c} {record['val'][c]:.4f}" for c in CRITERIA), flush=True)
     text, rows = study_table(records)
-    (out_dir / "selection_study.json").write_text(json.dumps({"records": records, "table": rows}, indent=2, default=float))
+    (out_dir / "selection_study.json").write_text(
+        json.dumps({"records": records, "table": rows}, indent=2, default=float)
+    )
     (out_dir / "selection_study.txt").write_text(text + "\n")
     print(text)
     print(f"Written: {out_dir / 'selection_study.txt'}, {out_dir / 'selection_study.json'}")

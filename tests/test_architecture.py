@@ -1,4 +1,5 @@
-"""The package rules of bundle/docs/architecture.md, read from the source with ``ast`` (imports inside functions too)."""
+"""The package rules of bundle/docs/architecture.md, read from the source with ``ast`` (imports inside functions
+too)."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def test_the_package_keeps_its_import_rules():
 
 
 def test_every_part_of_the_package_is_in_the_table():
-    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    parts = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+             if p.suffix == ".py" or (p / "__init__.py").is_file()}
     assert parts - {"__init__"} == set(ALLOWED)
 
 

@@ -44,10 +44,13 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-def bundle_command(run_dir: Path, data: Path, configs=("train.json", "cpu_train.json"), run_id: str = "training", **overrides) -> list[str]:
+def bundle_command(
+    run_dir: Path, data: Path, configs=("train.json", "cpu_train.json"), run_id: str = "training", **overrides
+) -> list[str]:
     """The README's training command with the tiny overrides and this run's folders."""
     files = json.dumps([str(CONFIGS / c) for c in configs])
-    args = {**TINY, "dataset_dir": str(data), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "out"), **overrides}
+    args = {**TINY, "dataset_dir": str(data), "ckpt_dir": str(run_dir / "models"), "output_dir": str(run_dir / "out"),
+            **overrides}
     command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files]
     for key, value in args.items():
         command += [f"--{key}", value if isinstance(value, str) else repr(value)]
@@ -56,7 +59,9 @@ def bundle_command(run_dir: Path, data: Path, configs=("train.json", "cpu_train.
 
 def run_bundle(run_dir: Path, data: Path, **kwargs) -> str:
     """Run to completion; fail the test with the log's tail otherwise."""
-    result = subprocess.run(bundle_command(run_dir, data, **kwargs), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        bundle_command(run_dir, data, **kwargs), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     return log
@@ -83,16 +88,19 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
         assert 0.0 <= report[model]["f1"] <= 1.0
     assert [r["epoch"] for r in report["rounds"]] == [1, 2]
     assert all(set(r) == {"epoch", "metric", "teacher_score", "student_score", "swapped"} for r in report["rounds"])
-    assert all(r["metric"] == "val_area_contrast" for r in report["rounds"]) and report["selection"]["metric"] == "val_area_contrast"
+    assert (all(r["metric"] == "val_area_contrast" for r in report["rounds"])
+            and report["selection"]["metric"] == "val_area_contrast")
     assert report["config"]["network_width"] == TINY["network_width"] and report["config"]["swap_policy"] == "if_better"
     # the whole resolved configuration: every knob the run read, whichever file or override set it, and the
     # networks and losses (mpp is read by slides.json alone)
-    assert {"weight_decay", "val_fraction", "resize_mode", "distill_augment", "amp", "dataset_dir"} <= set(report["config"])
+    assert {"weight_decay", "val_fraction", "resize_mode", "distill_augment", "amp",
+            "dataset_dir"} <= set(report["config"])
     assert "mpp" not in report["config"]
     assert report["config"]["learning_rate"] == 0.001 and report["config"]["amp"] is False
     assert report["modules"]["train::loss"] == "custom.losses.mil.MILPoolingLoss"
     assert report["modules"]["network_def"] == "custom.networks.dws_mil.DWSMIL"
-    assert report["baselines"]["oracle_label"]["f1_neg"] == 1.0 and report["baselines"]["all_background"]["f1_pos"] == 0.0
+    assert (report["baselines"]["oracle_label"]["f1_neg"] == 1.0
+            and report["baselines"]["all_background"]["f1_pos"] == 0.0)
     # pseudo-labels: NIfTI and PNG per training image, listed in the manifest
     pseudo = out / "pseudo_labels"
     manifest = (pseudo / "manifest.csv").read_text().splitlines()
@@ -112,7 +120,8 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
 
 def newest_checkpoint(models: Path, prefix: str) -> tuple[int, dict] | None:
     """(epoch, content) of the newest ``prefix`` epoch checkpoint that loads, as ``run_stage`` will pick it."""
-    paths = sorted(models.glob(f"{prefix}_checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]), reverse=True)
+    paths = sorted(models.glob(f"{prefix}_checkpoint_epoch=*.pt"), key=lambda p: int(p.stem.split("=")[1]),
+                   reverse=True)
     for path in paths:
         try:
             return int(path.stem.split("=")[1]), torch.load(path, weights_only=False)
@@ -124,7 +133,8 @@ def newest_checkpoint(models: Path, prefix: str) -> tuple[int, dict] | None:
 def kill_after_checkpoint(command: list[str], models: Path, prefix: str, max_epochs: int) -> tuple[int, dict]:
     """Start a training, SIGKILL it (with its workers) as soon as a ``prefix`` epoch checkpoint is complete, and
     return the newest complete one left behind, which must come before the last epoch."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
     deadline = time.monotonic() + 400
     while newest_checkpoint(models, prefix) is None and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -137,7 +147,8 @@ def kill_after_checkpoint(command: list[str], models: Path, prefix: str, max_epo
 
 
 def test_killed_stage1_resumes_to_the_same_weights(tiny_data, tmp_path):
-    """Stage 1 killed after an epoch and rerun ends with the weights of an uninterrupted run (same seed, same config)."""
+    """Stage 1 killed after an epoch and rerun ends with the weights of an uninterrupted run (same seed, same
+    config)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_bundle(straight, tiny_data, stage1_epochs=5, stage2_epochs=0)
     epoch, _ = kill_after_checkpoint(
@@ -167,7 +178,8 @@ def test_killed_stage2_resumes_with_same_teacher_and_schedule(tiny_data, tmp_pat
     assert [r["epoch"] for r in rounds] == [1, 2, 3, 4, 5, 6] and all(r["swapped"] for r in rounds)
     assert rounds[:epoch] == saved["role_swap"]["rounds"]
     final = torch.load(tmp_path / "models" / "stage2_checkpoint_epoch=6.pt", weights_only=False)
-    assert final["pseudo_labels"]["round"] == 6 and final["trainer"]["iteration"] == 6 * final["trainer"]["epoch_length"]
+    assert (final["pseudo_labels"]["round"] == 6
+            and final["trainer"]["iteration"] == 6 * final["trainer"]["epoch_length"])
 
 
 def test_evaluate_config_writes_eval_metrics(tiny_data, tmp_path):
@@ -198,7 +210,8 @@ def test_training_on_tiles_of_a_slide_datalist(tmp_path):
     assert grids == [f"slide_00{i}_level1_tile64_overlap0.csv" for i in range(6)]  # 1.0 um/px = level 1
     n_test = report["student"]["n_pos"] + report["student"]["n_neg"]
     csv_rows = sum(
-        len((tmp_path / "run" / "out" / "tile_grids" / f"slide_00{i}_level1_tile64_overlap0.csv").read_text().splitlines()) - 2
+        len((tmp_path / "run" / "out" / "tile_grids" / f"slide_00{i}_level1_tile64_overlap0.csv")
+            .read_text().splitlines()) - 2
         for i in (4, 5)
     )
     assert n_test == csv_rows > 0 and report["student"]["n_pos"] > 0  # every tissue tile of the two test slides
@@ -227,8 +240,10 @@ def test_image_labels_only_training_selects_without_masks(labels_only_data, tmp_
 
 def test_mask_f1_without_masks_stops_before_training(labels_only_data, tmp_path):
     result = subprocess.run(
-        bundle_command(tmp_path, labels_only_data, selection_metric="mask_f1"), cwd=ROOT, capture_output=True, text=True, timeout=300
+        bundle_command(tmp_path, labels_only_data, selection_metric="mask_f1"), cwd=ROOT, capture_output=True,
+        text=True, timeout=300
     )
     assert result.returncode == 1
-    assert "selection_metric 'mask_f1' needs a pixel mask for every positive image, but 1 of 1 have none" in result.stderr
+    assert ("selection_metric 'mask_f1' needs a pixel mask for every positive image, but 1 of 1 have none"
+            in result.stderr)
     assert not list((tmp_path / "models").glob("stage1_checkpoint_epoch=*.pt"))  # nothing was trained

@@ -50,7 +50,8 @@ def test_training_workflow_properties(tmp_path):
     data = tmp_path / "data"
     generate_dataset(data, SyntheticSpec(n_slides=4, size=1024, patches_per_slide=8, patch_size=64, test_fraction=0.5))
     workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_train.json")], meta_file=str(CONFIGS / "metadata.json"),
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "cpu_train.json")],
+        meta_file=str(CONFIGS / "metadata.json"),
         logging_file=str(CONFIGS / "logging.conf"), workflow_type="train",
         dataset_dir=str(data), ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "out"),
     )
@@ -73,7 +74,8 @@ def test_cpu_overrides_are_split_by_workflow():
         knobs = set(ConfigParser.load_config_file(CONFIGS / base))
         assert {k for k in overlay if not k.startswith("_")} <= knobs, f"an override of a knob {base} does not define"
     inference = _parser(("inference.json", "cpu_inference.json"))
-    assert inference.get_parsed_content("batch_size") == ConfigParser.load_config_file(CONFIGS / "inference.json")["batch_size"]
+    assert (inference.get_parsed_content("batch_size")
+            == ConfigParser.load_config_file(CONFIGS / "inference.json")["batch_size"])
     for files in (("train.json", "cpu_train.json", "slides.json"), ("train.json", "slides.json", "cpu_train.json")):
         assert _parser(files).get_parsed_content("tile_dataset#mpp", instantiate=False) == train["mpp"]
 

@@ -32,7 +32,8 @@ def test_masks_are_matched_by_stem(patch_root):
         assert by_name[stem]["label"] == 1
         assert by_name[stem]["mask"].endswith(f"gt/{stem}.png")
     assert by_name["a"]["image"].endswith("pos/a.tif")
-    assert by_name["n1"] == {"image": str(patch_root / "test/neg/n1.png"), "label": 0, "mask": None, "name": "n1", "group": ""}
+    assert by_name["n1"] == {"image": str(patch_root / "test/neg/n1.png"), "label": 0, "mask": None, "name": "n1",
+                             "group": ""}
 
 
 def test_pos_without_mask_is_an_error_for_test_only(patch_root):

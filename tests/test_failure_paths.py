@@ -106,7 +106,8 @@ def test_an_unreadable_checkpoint_is_named_with_its_problem(tmp_path, damage):
     problems = {"truncated": "it is not a complete PyTorch checkpoint archive, truncated or corrupted",
                 "empty": "the file is empty or truncated", "random": "it is not a PyTorch checkpoint",
                 "text": "it is not a PyTorch checkpoint"}
-    for load in (lambda: load_weights(network, bad, "network"), lambda: load_weights(network, bad, config_key="ckpt_path")):
+    for load in (lambda: load_weights(network, bad, "network"),
+                 lambda: load_weights(network, bad, config_key="ckpt_path")):
         with pytest.raises(UnreadableCheckpoint) as refused:
             load()
         message = str(refused.value)

@@ -302,7 +302,8 @@ def test_raster_stats_histogram_and_majority_mask():
 
 
 def test_strip_merger_equals_in_memory_blending(tmp_path):
-    """Random tiles at row steps of 1, 3 and 8 (band shifts of every size): the raster is the full-size weighted mean."""
+    """Random tiles at row steps of 1, 3 and 8 (band shifts of every size): the raster is the full-size weighted
+    mean."""
     rng = np.random.default_rng(1)
     weights = rng.uniform(0.1, 1.0, (8, 8)).astype(np.float32)
     shape = (30, 21)

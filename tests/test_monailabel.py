@@ -148,7 +148,8 @@ class Server:
         return self.process.returncode
 
 
-DECOYS = ("victim", "victim.png", "x.png", "y", "site/victim", "site/victim.png", "site/x.png", "site/labels/final/x.png")
+DECOYS = ("victim", "victim.png", "x.png", "y", "site/victim", "site/victim.png", "site/x.png",
+          "site/labels/final/x.png")
 """Files around the studies folder (``root/site/studies``) where a traversing id or tag would land."""
 
 

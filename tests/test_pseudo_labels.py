@@ -1,4 +1,5 @@
-"""PseudoLabelHandler writes the teacher's maps (read back with nibabel and scikit-image); LoadPseudoLabeld serves them."""
+"""PseudoLabelHandler writes the teacher's maps (read back with nibabel and scikit-image); LoadPseudoLabeld serves
+them."""
 
 import csv
 

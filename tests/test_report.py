@@ -17,7 +17,8 @@ def _state(value: float) -> dict:
     [
         (0.7, 0.8, False, ("best student", 0.0), ("stage-1 MIL teacher", 1.0)),  # student never beat the teacher
         (0.9, 0.8, False, ("best student", 0.0), ("best student", 0.0)),
-        (0.7, 0.8, True, ("teacher (a former student, after swaps)", 1.0), ("teacher (a former student, after swaps)", 1.0)),
+        (0.7, 0.8, True, ("teacher (a former student, after swaps)", 1.0),
+         ("teacher (a former student, after swaps)", 1.0)),
         (0.9, 0.8, True, ("best student", 0.0), ("best student", 0.0)),
         (None, 0.8, False, ("stage-1 MIL teacher", 1.0), ("stage-1 MIL teacher", 1.0)),  # no student validated
     ],
@@ -31,16 +32,21 @@ def test_distilled_and_shipped_models(best_score, teacher_score, swapped, distil
         teacher_score=teacher_score,
         rounds=[{"epoch": 1, "swapped": swapped}],
     )
-    for chosen, (source, weight) in ((distilled_model(teacher, role_swap), distilled), (select_final_model(teacher, role_swap), shipped)):
+    for chosen, (source, weight) in ((distilled_model(teacher, role_swap), distilled),
+                                     (select_final_model(teacher, role_swap), shipped)):
         assert chosen[1] == source and chosen[0]["w"].item() == weight
 
 
-@pytest.mark.parametrize("best_score, shipped", [(0.79, "stage-1 MIL teacher"), (0.80, "stage-1 MIL teacher"), (0.81, "best student")])
+@pytest.mark.parametrize(
+    "best_score, shipped", [(0.79, "stage-1 MIL teacher"), (0.80, "stage-1 MIL teacher"), (0.81, "best student")]
+)
 def test_final_model_needs_a_higher_validation_score(best_score, shipped):
     """No tie and no near miss goes to the student."""
     teacher = torch.nn.Module()
     teacher.register_buffer("w", torch.ones(1))
-    role_swap = SimpleNamespace(best_student_state=_state(0.0), best_student_score=best_score, teacher_score=0.80, rounds=[])
+    role_swap = SimpleNamespace(
+        best_student_state=_state(0.0), best_student_score=best_score, teacher_score=0.80, rounds=[]
+    )
     assert select_final_model(teacher, role_swap)[1] == shipped
 
 
@@ -76,4 +82,5 @@ def test_resolved_knobs_keep_every_top_level_plain_value_and_nothing_else():
         "amp": False, "device": "cpu", "outputs": ["prob", "mask"], "pretrained_path": None, "seed": 3,
         "test_subsets": {"rest": ""}, "weight_decay": 1e-4,
     }
-    assert resolved_modules(resolved) == {"teacher": "torch.nn.modules.linear.Linear", "train::loss": "torch.nn.modules.loss.BCELoss"}
+    assert resolved_modules(resolved) == {"teacher": "torch.nn.modules.linear.Linear",
+                                          "train::loss": "torch.nn.modules.loss.BCELoss"}

@@ -1,4 +1,5 @@
-"""RoleSwapHandler: real swaps (defect 3), policies on scripted validation scores, no-best-student (defect 4), resume."""
+"""RoleSwapHandler: real swaps (defect 3), policies on scripted validation scores, no-best-student (defect 4),
+resume."""
 
 import copy
 
@@ -130,8 +131,12 @@ def test_no_validated_student_does_not_crash():
         handler.attach(trainer)
     teacher_start = copy.deepcopy(trainer.teacher.state_dict())
     trainer.run()
-    assert if_better.rounds == [{"epoch": 1, "metric": "score", "teacher_score": 0.5, "student_score": None, "swapped": False}]
-    assert periodic.rounds == [{"epoch": 1, "metric": "score", "teacher_score": None, "student_score": None, "swapped": True}]
+    assert if_better.rounds == [
+        {"epoch": 1, "metric": "score", "teacher_score": 0.5, "student_score": None, "swapped": False}
+    ]
+    assert periodic.rounds == [
+        {"epoch": 1, "metric": "score", "teacher_score": None, "student_score": None, "swapped": True}
+    ]
     assert _equal(trainer.network.state_dict(), teacher_start)  # periodic swapped the current student in
 
 
@@ -142,7 +147,9 @@ def test_teacher_validator_scores_the_teacher_at_start():
         trainer, [0.4, 0.5], policy="if_better", interval=1, warmup=2, teacher_validator=teacher_validator
     )
     trainer.run()
-    assert handler.rounds == [{"epoch": 2, "metric": "f1", "teacher_score": 0.45, "student_score": 0.5, "swapped": True}]
+    assert handler.rounds == [
+        {"epoch": 2, "metric": "f1", "teacher_score": 0.45, "student_score": 0.5, "swapped": True}
+    ]
 
 
 def test_state_dict_round_trip_continues_the_same_schedule(tmp_path):
@@ -150,7 +157,9 @@ def test_state_dict_round_trip_continues_the_same_schedule(tmp_path):
     full = _trainer(max_epochs=4)
     full_handler, full_validator = _attach(full, scores, **options)
     full.run()
-    assert full_handler.rounds == [{"epoch": 4, "metric": "f1", "teacher_score": 0.5, "student_score": 0.8, "swapped": True}]
+    assert full_handler.rounds == [
+        {"epoch": 4, "metric": "f1", "teacher_score": 0.5, "student_score": 0.8, "swapped": True}
+    ]
 
     first = _trainer(max_epochs=2)
     first_handler, _ = _attach(first, scores[:2], **options)
@@ -185,9 +194,13 @@ def test_bad_configuration_raises():
 def test_if_better_needs_the_margin(margin, swapped):
     """A best student 0.1 above the teacher swaps only when the margin is below 0.1."""
     trainer = _trainer(max_epochs=2)
-    handler, _ = _attach(trainer, [0.55, 0.6], policy="if_better", interval=1, warmup=2, teacher_score=0.5, margin=margin)
+    handler, _ = _attach(
+        trainer, [0.55, 0.6], policy="if_better", interval=1, warmup=2, teacher_score=0.5, margin=margin
+    )
     trainer.run()
-    assert handler.rounds == [{"epoch": 2, "metric": "f1", "teacher_score": 0.5, "student_score": 0.6, "swapped": swapped}]
+    assert handler.rounds == [
+        {"epoch": 2, "metric": "f1", "teacher_score": 0.5, "student_score": 0.6, "swapped": swapped}
+    ]
 
 
 def test_negative_margin_is_refused():

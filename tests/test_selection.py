@@ -71,7 +71,9 @@ def test_flip_maps_undoes_the_transform():
     identity = lambda x: x[:, :1]  # noqa: E731
     assert torch.equal(flip_maps(identity, images), images[:, 0])
     # a network that answers with the row index is not equivariant: its transformed-back map differs
-    rows = lambda x: torch.arange(x.shape[2], dtype=torch.float32).view(1, 1, -1, 1).expand(x.shape[0], 1, -1, x.shape[3])  # noqa: E731
+    rows = lambda x: (  # noqa: E731
+        torch.arange(x.shape[2], dtype=torch.float32).view(1, 1, -1, 1).expand(x.shape[0], 1, -1, x.shape[3])
+    )
     assert not torch.equal(flip_maps(rows, images), rows(images)[:, 0])
 
 
@@ -100,11 +102,15 @@ def test_selection_evaluator_ranks_on_the_named_metric():
 
     images = torch.stack([torch.full((3, 8, 8), v) for v in (0.9, 0.7, 0.2, 0.6)])
     data = [{"image": image, "label": torch.tensor(float(label))} for image, label in zip(images, [1, 1, 0, 0])]
-    evaluator = selection_evaluator(FirstChannel(), torch.utils.data.DataLoader(data, batch_size=2), "cpu", "auc", smooth_sigma=None)
+    evaluator = selection_evaluator(
+        FirstChannel(), torch.utils.data.DataLoader(data, batch_size=2), "cpu", "auc", smooth_sigma=None
+    )
     evaluator.run()
     assert evaluator.state.key_metric_name == "val_auc" == selection_key("auc")
     assert evaluator.state.metrics["val_auc"] == pytest.approx(1.0)
-    consistency = selection_evaluator(FirstChannel(), torch.utils.data.DataLoader(data, batch_size=2), "cpu", "flip_consistency", smooth_sigma=None)
+    consistency = selection_evaluator(
+        FirstChannel(), torch.utils.data.DataLoader(data, batch_size=2), "cpu", "flip_consistency", smooth_sigma=None
+    )
     consistency.run()
     assert consistency.state.metrics["val_flip_consistency"] == pytest.approx(1.0)  # constant maps are flip-invariant
     with pytest.raises(ValueError, match="selection_metric must be one of"):
@@ -167,7 +173,9 @@ def test_ebhi_names_give_patient_groups(tmp_path):
 def test_slide_list_groups_by_patient_then_slide(tmp_path):
     for name in ("a", "b", "c"):
         (tmp_path / f"{name}.tif").write_bytes(b"x")
-    (tmp_path / "list.csv").write_text("\ufeffslide,label,patient,split\na.tif,1,P1,train\nb.tif,0,P1,\nc.tif,0,,test\n", encoding="utf-8")
+    (tmp_path / "list.csv").write_text(
+        "\ufeffslide,label,patient,split\na.tif,1,P1,train\nb.tif,0,P1,\nc.tif,0,,test\n", encoding="utf-8"
+    )
     items = load_slide_datalist(tmp_path / "list.csv")  # a byte-order mark does not hide the 'slide' column
     assert [(i["group"], i["split"]) for i in items] == [("P1", "train"), ("P1", "train"), ("c", "test")]
     (tmp_path / "bad.csv").write_text("slide,label,split\na.tif,1,tset\n")
@@ -190,14 +198,23 @@ def test_checks_refuse_what_would_fail_after_training(tmp_path):
     pos, neg = _patch(tmp_path, "p", 1, (16, 16)), _patch(tmp_path, "n", 0)
     unmasked = _patch(tmp_path, "u", 1)
     check_training_data([pos, neg], [pos, neg], [pos, neg], "auc")  # fine
-    with pytest.raises(ValueError, match=r"'mask_f1' needs a pixel mask for every positive image, but 1 of 2 have none"):
+    with pytest.raises(
+        ValueError, match=r"'mask_f1' needs a pixel mask for every positive image, but 1 of 2 have none"
+    ):
         check_training_data([pos, neg], [pos, unmasked, neg], [pos, neg], "mask_f1")
-    with pytest.raises(ValueError, match=r"validation: selection_metric 'auc' compares positives with negatives but validation holds 0 positive and 1 negative"):
+    with pytest.raises(
+        ValueError,
+        match=(r"validation: selection_metric 'auc' compares positives with negatives but validation holds "
+               r"0 positive and 1 negative"),
+    ):
         check_training_data([pos, neg], [neg], [pos, neg], "auc")
     with pytest.raises(ValueError, match=r"validation: no image \(training has 2\)"):
         check_training_data([pos, neg], [], [pos, neg], "auc")
     wrong = _patch(tmp_path, "w", 1, (16, 12))
-    with pytest.raises(ValueError, match=r"test: mask .*w_gt.png has size \(width, height\) \(16, 12\) but its image .*w.png has \(16, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"test: mask .*w_gt.png has size \(width, height\) \(16, 12\) but its image .*w.png has \(16, 16\)",
+    ):
         check_training_data([pos, neg], [pos, neg], [pos, wrong], "auc")
     fake = tmp_path / "fake.png"
     fake.write_bytes(b"not a png")

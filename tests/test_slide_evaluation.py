@@ -91,8 +91,8 @@ def test_ground_truth_as_prediction_scores_one(synthetic, tmp_path, truth):
 #   with it:           Dice = 2 * 10,000 / (30,000 + 30,000) = 1/3,  IoU = 10,000 / 50,000 = 1/5
 @pytest.mark.parametrize(
     "ds, truth, excluded, dice, iou",
-    [(1, "annotation", False, 1 / 2, 1 / 3), (1, "annotation", True, 1 / 3, 1 / 5), (2, "annotation", True, 1 / 3, 1 / 5),
-     (2, "mask", True, 1 / 3, 1 / 5), (1, "mask", False, 1 / 2, 1 / 3)],
+    [(1, "annotation", False, 1 / 2, 1 / 3), (1, "annotation", True, 1 / 3, 1 / 5),
+     (2, "annotation", True, 1 / 3, 1 / 5), (2, "mask", True, 1 / 3, 1 / 5), (1, "mask", False, 1 / 2, 1 / 3)],
 )
 def test_dice_iou_by_hand_with_exclusion(tmp_path, ds, truth, excluded, dice, iou):
     outlines, groups = [rect(100, 100, 300, 300)], ["_0"]

@@ -52,7 +52,8 @@ def test_tissue_mask_matches_the_painted_box(tissue_slide):
     np.testing.assert_array_equal(tissue.mask, expected)
     assert tissue.fraction() == pytest.approx(0.125)
     assert 0.05 <= tissue.threshold < 0.5  # between glass (~0.02) and stain (~0.53) saturation
-    fractions = tissue.box_fractions(np.array([128, -64]), np.array([128, -64]), np.array([256, 64]), np.array([128, 64]))
+    fractions = tissue.box_fractions(np.array([128, -64]), np.array([128, -64]), np.array([256, 64]),
+                                     np.array([128, 64]))
     assert fractions[0] == pytest.approx(0.5) and fractions[1] == 0.0
 
 

@@ -78,15 +78,17 @@ def _check_validation(val: Sequence[dict], selection_metric: str, n_training: in
             "val_fraction"
         )
     if selection_metric in ("flip_consistency", "mask_f1") and not positives:
-        raise ValueError(f"validation: selection_metric {selection_metric!r} needs positive images; validation has none")
+        raise ValueError(
+            f"validation: selection_metric {selection_metric!r} needs positive images; validation has none"
+        )
     if selection_metric == "mask_f1":
         missing = [item for item in val if int(item["label"]) == 1 and item.get("mask") is None]
         if missing:
             names = [item.get("name", Path(str(item.get("image", item.get("slide")))).stem) for item in missing[:3]]
             raise ValueError(
-                f"validation: selection_metric 'mask_f1' needs a pixel mask for every positive image, but {len(missing)} "
-                f"of {positives} have none (e.g. {names}); use a mask-free selection_metric (auc, balanced_accuracy, "
-                "area_contrast, flip_consistency) or add the masks"
+                f"validation: selection_metric 'mask_f1' needs a pixel mask for every positive image, but "
+                f"{len(missing)} of {positives} have none (e.g. {names}); use a mask-free selection_metric (auc, "
+                "balanced_accuracy, area_contrast, flip_consistency) or add the masks"
             )
 
 
@@ -96,7 +98,10 @@ def _check_test(test: Sequence[dict]) -> None:
     if not test:
         raise ValueError("test: no image; the run ends with a test evaluation")
     if not (positives and negatives):
-        warnings.warn(f"test: {positives} positive and {negatives} negative images; metrics of the missing label are NaN", stacklevel=2)
+        warnings.warn(
+            f"test: {positives} positive and {negatives} negative images; metrics of the missing label are NaN",
+            stacklevel=2,
+        )
 
 
 def check_training_data(

@@ -198,7 +198,9 @@ def split_train_val(
         by = "group" if _groups_found(items) else "label-stratified"
     if by == "group" and not all(item.get("group") for item in items):
         missing = [item.get("name", item.get("image")) for item in items if not item.get("group")]
-        raise ValueError(f"split by group: {len(missing)} item(s) have no group (e.g. {missing[:3]}); check group_pattern")
+        raise ValueError(
+            f"split by group: {len(missing)} item(s) have no group (e.g. {missing[:3]}); check group_pattern"
+        )
     units = _units(items, by)
     rng = np.random.default_rng(seed)
     val_indices: set[int] = set()

@@ -74,7 +74,9 @@ def mask_polygons(
     to_level0 = [downsample, 0, 0, downsample, (left + 0.5) * downsample, (top + 0.5) * downsample]
     polygons = []
     for outline, its_holes in zip(outlines, owned):
-        polygon = affine_transform(simplify_polygon(Polygon(outline.exterior, its_holes).buffer(0), simplify_px), to_level0)
+        polygon = affine_transform(
+            simplify_polygon(Polygon(outline.exterior, its_holes).buffer(0), simplify_px), to_level0
+        )
         polygons += [g for g in getattr(polygon, "geoms", [polygon]) if isinstance(g, Polygon) and not g.is_empty]
     return sorted(polygons, key=lambda p: -p.area)
 

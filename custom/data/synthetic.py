@@ -133,7 +133,8 @@ def _readme(spec: SyntheticSpec, rows: list[dict]) -> str:
         f"{spec.mpp} um/px at level 0.",
         "masks/*.tif        tumour ground truth, uint8 0 (background) / 255 (tumour), LZW, same geometry as the slide.",
         "annotations/*.xml  the same tumour polygons as ASAP XML (group _0), level-0 (x, y); negative slides: none.",
-        "slides.csv         slide,label,mask,annotation,split (paths relative to this folder; label 1 = contains tumour;",
+        "slides.csv         slide,label,mask,annotation,split (paths relative to this folder; label 1 = contains "
+        "tumour;",
         "                   split = train / test, the same split as the patches).",
         f"patches/{{train,test}}/{{pos,neg,gt}}/*.png  {n}x{n} crops named <slide>_x<X>_y<Y> (level-0 top-left);",
         "                   pos = tumour covers 5-95% of the crop, gt/<same name>.png its 0/255 mask; neg = no tumour.",
@@ -158,7 +159,9 @@ def _write_slides_csv(path: Path, rows: list[dict]) -> None:
         writer.writerow(["slide", "label", "mask", "annotation", "split"])
         for r in rows:
             name = r["slide"]
-            writer.writerow([f"slides/{name}.tif", r["label"], f"masks/{name}.tif", f"annotations/{name}.xml", r["split"]])
+            writer.writerow(
+                [f"slides/{name}.tif", r["label"], f"masks/{name}.tif", f"annotations/{name}.xml", r["split"]]
+            )
 
 
 def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, workers: int = 1) -> dict:

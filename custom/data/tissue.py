@@ -1,5 +1,6 @@
 # Copyright (c) the wsl-histo-seg authors. Licensed under the Apache License, Version 2.0.
-"""Tissue detection on a low-resolution copy of a slide (written as PNG and QuPath GeoJSON by ``custom.writers.tissue``).
+"""Tissue detection on a low-resolution copy of a slide (written as PNG and QuPath GeoJSON by
+``custom.writers.tissue``).
 
 Stained tissue is coloured and glass is grey-white, so tissue is where the HSV saturation exceeds an Otsu
 threshold (never below ``min_saturation``, so that a blank slide stays blank). Near-black pixels (scanner fill,

@@ -22,7 +22,8 @@ class PrepareImageMask(PrepareBatch):
         self.mask_key = mask_key
 
     def __call__(
-        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False,
+        **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Move the image and mask of ``batchdata`` to ``device``."""
         image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 def epoch_checkpoints(save_dir: str | Path, prefix: str) -> list[Path]:
     """The ``{prefix}_checkpoint_epoch=N.pt`` files that ``CheckpointSaver(save_interval=...)`` left, newest first."""
     pattern = re.compile(rf"^{re.escape(prefix)}_checkpoint_epoch=(\d+)\.pt$")
-    found = [(int(m.group(1)), p) for p in Path(save_dir).glob(f"{prefix}_checkpoint_epoch=*.pt") if (m := pattern.match(p.name))]
+    found = [(int(m.group(1)), p) for p in Path(save_dir).glob(f"{prefix}_checkpoint_epoch=*.pt")
+             if (m := pattern.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -36,7 +37,9 @@ class StageCheckpointSaver(CheckpointSaver):
 
     def __init__(self, save_dir: str, save_dict: dict, engine_key: str = "trainer", **kwargs: Any) -> None:
         if engine_key in save_dict:
-            raise ValueError(f"save_dict must not hold {engine_key!r}: the engine the saver is attached to is saved under it")
+            raise ValueError(
+                f"save_dict must not hold {engine_key!r}: the engine the saver is attached to is saved under it"
+            )
         super().__init__(save_dir=save_dir, save_dict=dict(save_dict), **kwargs)
         self.engine_key = engine_key
 

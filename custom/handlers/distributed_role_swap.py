@@ -29,8 +29,8 @@ class DistributedRoleSwapHandler(RoleSwapHandler):
 
     Rank 0's decision is broadcast, so all ranks swap or none does; every rank then performs the swap, and on
     ``DistillationEvents.ROLES_SWAPPED`` rank 0's teacher and student weights are broadcast into every rank's
-    copies, before ``DistillationEvents.TEACHER_CHANGED`` (fired by the swap after every ``ROLES_SWAPPED`` handler) lets the
-    pseudo-label handler run the new teacher, whatever the order of the trainer's handlers. Each rank logs the
+    copies, before ``DistillationEvents.TEACHER_CHANGED`` (fired by the swap after every ``ROLES_SWAPPED`` handler) lets
+    the pseudo-label handler run the new teacher, whatever the order of the trainer's handlers. Each rank logs the
     SHA-256 of both networks after the swap ("role swap synchronised ..."), so a run's log shows that the ranks agree.
     The validators should see the whole validation set (a sharded loader whose metric MONAI gathers, or an
     unsharded one) so that every rank records the same scores. Same arguments as :class:`RoleSwapHandler`.

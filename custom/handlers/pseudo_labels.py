@@ -42,10 +42,10 @@ class PseudoLabelHandler:
     role swap, once the new teacher is final on every rank, whatever the order of the trainer's handlers).
 
     Per image ``name`` it writes ``output_dir/name.nii.gz`` (float32 probabilities, array axes (row, col) as in the
-    network's tensors: MONAI's ``NibabelReader`` and :class:`custom.transforms.LoadPseudoLabeld` read it back unchanged, viewers that
-    take NIfTI axis 0 as x show it transposed) and ``output_dir/name.png`` (uint8, probability x 255, for viewing),
-    plus ``manifest.csv`` with columns ``MANIFEST_FIELDS`` (``round`` counts swaps; ``epoch`` is the trainer's).
-    Files are overwritten in place, so the training transforms always read the current teacher's maps.
+    network's tensors: MONAI's ``NibabelReader`` and :class:`custom.transforms.LoadPseudoLabeld` read it back unchanged,
+    viewers that take NIfTI axis 0 as x show it transposed) and ``output_dir/name.png`` (uint8, probability x 255, for
+    viewing), plus ``manifest.csv`` with columns ``MANIFEST_FIELDS`` (``round`` counts swaps; ``epoch`` is the
+    trainer's). Files are overwritten in place, so the training transforms always read the current teacher's maps.
 
     Negative images keep the teacher's map on disk (useful to see false positives); the all-zero target that
     method.md prescribes for them is applied by ``DistillationLoss`` from the image label, in one place, so the cached

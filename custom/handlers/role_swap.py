@@ -25,7 +25,8 @@ POLICIES = ("if_better", "periodic", "off")
 
 class RoleSwapHandler:
     """
-    Swap teacher and student of a ``custom.engines.DistillationTrainer`` (bundle/docs/method.md, role reversal; defects 3 and 4).
+    Swap teacher and student of a ``custom.engines.DistillationTrainer`` (bundle/docs/method.md, role reversal; defects
+    3 and 4).
 
     The handler follows the student's validation: after every run of ``validator`` (whose ``network`` is the
     trainer's student) it reads ``validator.state.metrics[score_key]`` (higher is better, F1 in the bundle) and keeps
@@ -48,8 +49,9 @@ class RoleSwapHandler:
     distributed subclass broadcasts the weights on the first, the pseudo-label handler regenerates on the second).
 
     Every decision is appended to ``rounds`` as ``{"epoch", "metric", "teacher_score", "student_score", "swapped"}``
-    (``metric`` names the validation score used) and logged. ``state_dict()`` / ``load_state_dict()`` carry scores, best-student weights and rounds, so put the
-    handler in the CheckpointSaver's ``save_dict`` and a resumed run keeps the same schedule.
+    (``metric`` names the validation score used) and logged. ``state_dict()`` / ``load_state_dict()`` carry scores,
+    best-student weights and rounds, so put the handler in the CheckpointSaver's ``save_dict`` and a resumed run keeps
+    the same schedule.
 
     Attach it after the ``ValidationHandler`` in ``train_handlers``, so that a decision sees that epoch's validation.
 
@@ -135,7 +137,8 @@ class RoleSwapHandler:
         self.rounds.append(record)
         self.logger.info(
             f"role swap at epoch {epoch} ({self.policy}, {self.metric_name}, margin {self.margin}): teacher "
-            f"{_fmt(record['teacher_score'])}, best student {_fmt(record['student_score'])}, swapped: {record['swapped']}"
+            f"{_fmt(record['teacher_score'])}, best student {_fmt(record['student_score'])}, "
+            f"swapped: {record['swapped']}"
         )
         if record["swapped"]:
             self.swap(engine)

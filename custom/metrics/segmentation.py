@@ -155,7 +155,9 @@ def evaluate_maps(
     positive image with an empty mask is undefined, and a negative image with tumour pixels is mislabelled.
     """
     if not len(probs) == len(masks) == len(labels):
-        raise ValueError(f"got {len(probs)} maps, {len(masks)} masks and {len(labels)} labels; need one of each per image.")
+        raise ValueError(
+            f"got {len(probs)} maps, {len(masks)} masks and {len(labels)} labels; need one of each per image."
+        )
     rows = []
     for index, (prob, mask, label) in enumerate(zip(probs, masks, labels)):
         row = image_scores(prob, mask, smooth_sigma, threshold, r)

@@ -89,7 +89,8 @@ def selection_rows(
 
 
 def summarise_selection(rows: torch.Tensor, threshold: float = 0.5) -> dict[str, float | int]:
-    """Reduce (N, 4) selection rows to every mask-free criterion, plus ``fp_area``, ``pos_area``, ``n_pos``, ``n_neg``."""
+    """Reduce (N, 4) selection rows to every mask-free criterion, plus ``fp_area``, ``pos_area``, ``n_pos``,
+    ``n_neg``."""
     rows = rows.to(torch.float64).reshape(-1, CONSISTENCY + 1)
     positive = rows[:, LABEL] > 0.5
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
@@ -138,7 +139,9 @@ class SelectionMetric(CumulativeIterationMetric):
         if y is None or y_pred.ndim != 4:
             raise ValueError(f"expected y_pred (B, C, H, W) and labels y (B,), got {tuple(y_pred.shape)} and {y}.")
         maps, transformed = (y_pred[:, 0], y_pred[:, 1]) if y_pred.shape[1] == 2 else (y_pred[:, -1], None)
-        return selection_rows(maps, y.reshape(len(y_pred), -1)[:, 0], transformed, self.smooth_sigma, self.threshold, self.r)
+        return selection_rows(
+            maps, y.reshape(len(y_pred), -1)[:, 0], transformed, self.smooth_sigma, self.threshold, self.r
+        )
 
     def aggregate(self) -> dict[str, float | int]:  # type: ignore[override]
         """Every criterion over the images seen since the last ``reset()``."""

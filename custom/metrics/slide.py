@@ -101,7 +101,8 @@ class SlideOverlap:
 
 def evaluate_slide(mask_tif: str | os.PathLike, prob_tif: str | os.PathLike, truth: BandReader, factor: int,
                    band: int = 256) -> SlideOverlap:
-    """Stream the predicted mask, probability map and truth together, band by band (``band`` is rounded to ``factor``)."""
+    """Stream the predicted mask, probability map and truth together, band by band (``band`` is rounded to
+    ``factor``)."""
     mask, prob = LabelTiff(mask_tif), LabelTiff(prob_tif)
     try:
         width, height = mask.size_wh

@@ -58,7 +58,9 @@ def write_asap_xml(
         lines += ["      </Coordinates>", "    </Annotation>"]
     lines += ["  </Annotations>", "  <AnnotationGroups>"]
     for name, color in ASAP_GROUPS.items():
-        lines += [f'    <Group Name="{name}" PartOfGroup="None" Color="{color}">', "      <Attributes />", "    </Group>"]
+        lines += [
+            f'    <Group Name="{name}" PartOfGroup="None" Color="{color}">', "      <Attributes />", "    </Group>"
+        ]
     lines += ["  </AnnotationGroups>", "</ASAP_Annotations>", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

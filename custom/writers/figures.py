@@ -39,7 +39,9 @@ def plot_curves(
     return _save(fig, path)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0), alpha: float = 0.4) -> np.ndarray:
+def overlay(
+    image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (0, 255, 0), alpha: float = 0.4
+) -> np.ndarray:
     """Tint the masked pixels of an RGB (rows, cols, 3) image so the tissue stays readable under the mask."""
     if image.shape[:2] != mask.shape[:2]:
         raise ValueError(f"overlay: image {image.shape[:2]} and mask {mask.shape[:2]} differ in size (rows, cols)")
@@ -56,7 +58,8 @@ def plot_overlays(
     names: Sequence[str] | None = None,
     threshold: float = 0.5,
 ) -> Path:
-    """One row per image: the tissue, then each named probability map (e.g. truth, teacher, student) overlaid at threshold."""
+    """One row per image: the tissue, then each named probability map (e.g. truth, teacher, student) overlaid at
+    threshold."""
     colors = [(0, 200, 0), (230, 120, 0), (0, 90, 255), (200, 0, 200)]
     n_rows, n_cols = len(images), 1 + len(columns)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 2.6 * n_rows), squeeze=False)

@@ -43,7 +43,9 @@ from custom.inference import PlainImage
 from custom.inference.stitch import read_raster_rows
 from custom.inference.streaming import threshold_cut
 
-__all__ = ["LABELS", "LABEL_COLORS", "SCRATCH_PREFIX", "TumourSegmentation", "read_request_region", "remove_stale_scratch"]
+__all__ = [
+    "LABELS", "LABEL_COLORS", "SCRATCH_PREFIX", "TumourSegmentation", "read_request_region", "remove_stale_scratch"
+]
 
 logger = logging.getLogger(__name__)
 
