@@ -45,17 +45,33 @@ class LoadPseudoLabeld(Transform, RandomizableTrait):
     changes (after a role swap), and MONAI's ``CacheDataset`` / ``PersistentDataset`` cache a pipeline only up to
     the first such transform, so the pseudo-labels are never served stale from a cache.
 
+    With ``keep_in_memory`` (the default) each decoded map is kept, keyed by its file's identity (inode, size and
+    modification time in ns), and served as a copy until :class:`custom.handlers.PseudoLabelHandler` rewrites the
+    file (it does on ``DistillationEvents.TEACHER_CHANGED``): the maps are decoded once per teacher instead of once
+    per sample per epoch, and a stat per sample is what remains. The check is per file, so it also holds in
+    DataLoader worker processes, which each keep their own copies (persistent workers keep them across epochs).
+    Memory: one float32 map per training image (64 KiB at 128 px, 256 KiB at 256 px, per process).
+
     Args:
         pseudo_dir: the ``output_dir`` of :class:`custom.handlers.PseudoLabelHandler`.
         pseudo_key: key to write, default ``"pseudo"`` (the trainer's ``pseudo_key``).
         name_key: key of the image name.
+        keep_in_memory: keep decoded maps until their file changes (False: decode the file on every call).
     """
 
-    def __init__(self, pseudo_dir: str | os.PathLike, pseudo_key: Hashable = PSEUDO_KEY, name_key: str = "name"):
+    def __init__(
+        self,
+        pseudo_dir: str | os.PathLike,
+        pseudo_key: Hashable = PSEUDO_KEY,
+        name_key: str = "name",
+        keep_in_memory: bool = True,
+    ):
         self.pseudo_dir = pseudo_dir
         self.pseudo_key = pseudo_key
         self.name_key = name_key
+        self.keep_in_memory = keep_in_memory
         self.loader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+        self._maps: dict[str, tuple[tuple[int, int, int], Any]] = {}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Return a copy of ``data`` with the pseudo-label added."""
@@ -66,5 +82,17 @@ class LoadPseudoLabeld(Transform, RandomizableTrait):
                 f"no pseudo-label {path} for image {d[self.name_key]!r}: "
                 "PseudoLabelHandler writes it when stage 2 starts."
             )
-        d[self.pseudo_key] = self.loader(path)
+        d[self.pseudo_key] = self._load(path)
         return d
+
+    def _load(self, path: str) -> Any:
+        """The decoded map of ``path``: a copy of the kept one while the file is unchanged, else read anew."""
+        if not self.keep_in_memory:
+            return self.loader(path)
+        stat = os.stat(path)
+        identity = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        kept = self._maps.get(path)
+        if kept is None or kept[0] != identity:
+            kept = (identity, self.loader(path))
+            self._maps[path] = kept
+        return kept[1].clone()

@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.transforms import Compose, RandFlipd
@@ -139,3 +140,46 @@ def test_overlapping_rank_shards_are_refused():
     _check_written_once([{"name": "a"}, {"name": "b"}])
     with pytest.raises(RuntimeError, match=r"\['a'\] were written by several ranks.*DistributedSampler"):
         _check_written_once([{"name": "a"}, {"name": "b"}, {"name": "a"}])
+
+
+def test_maps_kept_in_memory_train_exactly_as_maps_read_every_time(tmp_path):
+    """Three epochs with flips and a teacher change after the second: the same losses and student weights whether
+    LoadPseudoLabeld keeps decoded maps (re-reading only rewritten files) or decodes every sample every time."""
+    losses, weights = {}, {}
+    for keep in (True, False):
+        torch.manual_seed(0)
+        teacher, student, items = TinyMILNet(), TinyMILNet(), _items()
+        pseudo_dir = tmp_path / str(keep)
+        transform = Compose([
+            LoadPseudoLabeld(pseudo_dir, keep_in_memory=keep),
+            RandFlipd(keys=["image", "pseudo"], prob=0.5, spatial_axis=0),
+        ]).set_random_state(seed=0)
+        trainer = DistillationTrainer(
+            device="cpu",
+            max_epochs=3,
+            train_data_loader=DataLoader(Dataset(items, transform=transform), batch_size=3),
+            network=student,
+            teacher=teacher,
+            optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+            loss_function=DistillationLoss(),
+            train_handlers=[PseudoLabelHandler(DataLoader(items, batch_size=4), pseudo_dir)],
+            decollate=False,
+        )
+        recorded = losses.setdefault(keep, [])
+        trainer.add_event_handler(
+            IterationEvents.LOSS_COMPLETED, lambda e, r=recorded: r.append(e.state.output[Keys.LOSS])
+        )
+
+        def change_teacher(engine, t=teacher):
+            if engine.state.epoch == 2:
+                with torch.no_grad():
+                    t.heads[0].bias.add_(3.0)
+                engine.fire_event(DistillationEvents.TEACHER_CHANGED)
+
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, change_teacher)
+        trainer.run()
+        weights[keep] = student.state_dict()
+    assert len(losses[True]) == 6
+    assert [v.item() for v in losses[True]] == [v.item() for v in losses[False]]
+    for name, value in weights[True].items():
+        assert torch.equal(value, weights[False][name]), name
