@@ -34,7 +34,6 @@ __all__ = [
     "TrainingReport",
     "resolved_knobs",
     "resolved_modules",
-    "finish_training",
     "write_eval_metrics",
     "format_table",
 ]
@@ -202,7 +201,7 @@ def format_table(results: Mapping[str, Mapping[str, float | int]], keys: Sequenc
 class TrainingReport:
     """The end of a training run as one configured object: ``write()`` saves ``model.pt``, evaluates the stage-1
     teacher and the distilled student on the test split and writes ``metrics.json``, ``training_curves.png`` and
-    ``overlays.png`` (see :func:`finish_training`, which it calls with these arguments).
+    ``overlays.png``.
 
     Args:
         output_dir: folder of the report files.
@@ -252,24 +251,82 @@ class TrainingReport:
         threshold: float = 0.5,
         n_overlays: int = 6,
     ) -> None:
-        self.arguments = {
-            "output_dir": output_dir, "ckpt_dir": ckpt_dir, "stage1_teacher": stage1_teacher, "teacher": teacher,
-            "student": student, "role_swap": role_swap, "test_loader": test_loader, "test_display": test_display,
-            "device": device, "selection_key": selection_key(selection_metric), "swap_margin": swap_margin,
-            "test_subsets": test_subsets, "amp": amp, "smooth_sigma": smooth_sigma, "threshold": threshold,
-            "n_overlays": n_overlays,
-        }
+        self.output_dir, self.ckpt_dir = Path(output_dir), Path(ckpt_dir)
+        self.stage1_teacher, self.teacher, self.student, self.role_swap = stage1_teacher, teacher, student, role_swap
+        self.test_loader, self.test_display, self.device = test_loader, test_display, device
         self.loggers = {
             "stage 1": (stage1_history, stage1_epoch_length), "stage 2": (stage2_history, stage2_epoch_length)
         }
         self.config = config
+        self.selection_key = selection_key(selection_metric)
+        self.swap_margin, self.test_subsets = swap_margin, test_subsets
+        self.amp, self.smooth_sigma, self.threshold, self.n_overlays = amp, smooth_sigma, threshold, n_overlays
 
     def write(self) -> dict[str, Any]:
-        """Write the report (once training has finished); return what ``metrics.json`` holds."""
-        return finish_training(
-            **self.arguments, loggers=self.loggers, config=resolved_knobs(self.config),
-            modules=resolved_modules(self.config)
+        """Save ``model.pt`` (the final model), evaluate the distilled model and the stage-1 teacher on the test split
+        once (``model.pt`` is one of the two), write ``metrics.json``, ``training_curves.png`` and ``overlays.png``
+        and print the comparison; return what ``metrics.json`` holds. Call it once training has finished, so that
+        every knob the run used is resolved in ``config``."""
+        output_dir, ckpt_dir, loggers = self.output_dir, self.ckpt_dir, self.loggers
+        stage1_teacher, teacher, student, role_swap = self.stage1_teacher, self.teacher, self.student, self.role_swap
+        test_loader, test_display, device, amp = self.test_loader, self.test_display, self.device, self.amp
+        selection_key, swap_margin, test_subsets = self.selection_key, self.swap_margin, self.test_subsets
+        smooth_sigma, threshold, n_overlays = self.smooth_sigma, self.threshold, self.n_overlays
+        config, modules = resolved_knobs(self.config), resolved_modules(self.config)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        weights, source, val_score = select_final_model(teacher, role_swap)
+        torch.save(weights, ckpt_dir / "model.pt")
+        distilled, distilled_source, distilled_score = distilled_model(teacher, role_swap)
+        student.load_state_dict(distilled)
+        kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}
+        results = {
+            name: evaluate_network(network, test_loader, device, amp, subsets=test_subsets, **kwargs)
+            for name, network in (("teacher", stage1_teacher), ("student", student))
+        }
+        subsets = {name: result.pop("subsets", {}) for name, result in results.items()}
+        baselines = dataset_baselines(test_display, **kwargs)
+        report = {
+            **results,
+            "baselines": baselines,
+            "subsets": subsets,
+            "selection": {"metric": selection_key, "swap_margin": swap_margin},
+            "student_model": {"source": distilled_source, "val_score": distilled_score},
+            "final_model": {"source": source, "val_score": val_score, "path": str(ckpt_dir / "model.pt")},
+            "rounds": role_swap.rounds,
+            "config": config,
+            "modules": modules,
+        }
+        (output_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain))
+        stage1_epochs = _stage_epochs(*loggers["stage 1"]) if "stage 1" in loggers else 0
+        swaps = [stage1_epochs + r["epoch"] for r in role_swap.rounds if r["swapped"]]
+        plot_curves(
+            curves_from_loggers(loggers, (selection_key,)), output_dir / "training_curves.png", marks=swaps,
+            title="stage 1 (MIL teacher) then stage 2 (distillation); dashed lines: role swaps",
         )
+        _overlays(
+            stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays,
+            threshold,
+        )
+        table = format_table(
+            {"MIL teacher (stage 1)": results["teacher"], "distilled student": results["student"],
+             **{f"baseline: {k}": v for k, v in baselines.items()}}
+        )
+        logger.info("test split results\n" + table)
+        print(
+            f"\nTest split ({results['student']['n_pos']} positive, "
+            f"{results['student']['n_neg']} negative images):\n{table}"
+        )
+        if sum(1 for _ in subsets["student"]) > 1:
+            rows = {f"{model}: {subset}": m for model, per in subsets.items() for subset, m in per.items()}
+            print(
+                "By subset of the test images (test_subsets):\n"
+                + format_table(rows, ("n_pos", "n_neg", "f1_pos", "f1_neg", "fp_area"))
+            )
+        print(
+            f"Selection by {selection_key} (swap margin {swap_margin}). Distilled student: {distilled_source}. "
+            f"Outputs in {output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, {selection_key} {val_score})"
+        )
+        return report
 
 
 def resolved_knobs(resolved: Mapping[str, Any]) -> dict[str, Any]:
@@ -312,94 +369,6 @@ def _plain_copy(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _plain_copy(v) for k, v in value.items()}
     return value
-
-
-def finish_training(
-    *,
-    output_dir: str | Path,
-    ckpt_dir: str | Path,
-    stage1_teacher: torch.nn.Module,
-    teacher: torch.nn.Module,
-    student: torch.nn.Module,
-    role_swap: RoleSwapHandler,
-    test_loader: Any,
-    test_display: Sequence[Mapping],
-    loggers: Mapping[str, tuple[MetricLogger, int]],
-    config: Mapping[str, Any],
-    device: str | torch.device,
-    modules: Mapping[str, str] | None = None,
-    selection_key: str = "val_area_contrast",
-    swap_margin: float = 0.0,
-    test_subsets: Mapping[str, str] | None = None,
-    amp: bool = False,
-    smooth_sigma: float | None = 3.0,
-    threshold: float = 0.5,
-    n_overlays: int = 6,
-) -> dict[str, Any]:
-    """Save ``model.pt`` (the final model), evaluate the distilled model and the stage-1 teacher on the test split
-    once (``model.pt`` is one of the two), and write
-    ``metrics.json``, ``training_curves.png`` and ``overlays.png`` into ``output_dir``; print the comparison.
-
-    ``test_display`` holds the test items without normalisation (image in [0, 1], mask, label, name), index-aligned
-    with ``test_loader.dataset``, for the pictures and the baselines. ``selection_key`` names the validation score
-    that selected the models (e.g. ``val_area_contrast``); ``test_subsets`` splits the test table by image name.
-    ``config`` (knob -> value) and ``modules`` (config id -> class) are recorded in ``metrics.json`` as given.
-    """
-    output_dir, ckpt_dir = Path(output_dir), Path(ckpt_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    weights, source, val_score = select_final_model(teacher, role_swap)
-    torch.save(weights, ckpt_dir / "model.pt")
-    distilled, distilled_source, distilled_score = distilled_model(teacher, role_swap)
-    student.load_state_dict(distilled)
-    kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}
-    results = {
-        name: evaluate_network(network, test_loader, device, amp, subsets=test_subsets, **kwargs)
-        for name, network in (("teacher", stage1_teacher), ("student", student))
-    }
-    subsets = {name: result.pop("subsets", {}) for name, result in results.items()}
-    baselines = dataset_baselines(test_display, **kwargs)
-    report = {
-        **results,
-        "baselines": baselines,
-        "subsets": subsets,
-        "selection": {"metric": selection_key, "swap_margin": swap_margin},
-        "student_model": {"source": distilled_source, "val_score": distilled_score},
-        "final_model": {"source": source, "val_score": val_score, "path": str(ckpt_dir / "model.pt")},
-        "rounds": role_swap.rounds,
-        "config": dict(config),
-        "modules": dict(modules or {}),
-    }
-    (output_dir / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain))
-    stage1_epochs = _stage_epochs(*loggers["stage 1"]) if "stage 1" in loggers else 0
-    swaps = [stage1_epochs + r["epoch"] for r in role_swap.rounds if r["swapped"]]
-    plot_curves(
-        curves_from_loggers(loggers, (selection_key,)), output_dir / "training_curves.png", marks=swaps,
-        title="stage 1 (MIL teacher) then stage 2 (distillation); dashed lines: role swaps",
-    )
-    _overlays(
-        stage1_teacher, student, test_loader.dataset, test_display, output_dir / "overlays.png", device, n_overlays,
-        threshold,
-    )
-    table = format_table(
-        {"MIL teacher (stage 1)": results["teacher"], "distilled student": results["student"],
-         **{f"baseline: {k}": v for k, v in baselines.items()}}
-    )
-    logger.info("test split results\n" + table)
-    print(
-        f"\nTest split ({results['student']['n_pos']} positive, "
-        f"{results['student']['n_neg']} negative images):\n{table}"
-    )
-    if sum(1 for _ in subsets["student"]) > 1:
-        rows = {f"{model}: {subset}": m for model, per in subsets.items() for subset, m in per.items()}
-        print(
-            "By subset of the test images (test_subsets):\n"
-            + format_table(rows, ("n_pos", "n_neg", "f1_pos", "f1_neg", "fp_area"))
-        )
-    print(
-        f"Selection by {selection_key} (swap margin {swap_margin}). Distilled student: {distilled_source}. Outputs in "
-        f"{output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, {selection_key} {val_score})"
-    )
-    return report
 
 
 def _overlays(
