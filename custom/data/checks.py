@@ -48,13 +48,19 @@ def check_mask_sizes(items: Sequence[dict], part: str) -> None:
             )
 
 
-def _check_training(train: Sequence[dict]) -> None:
-    """Training needs positives to learn tumour from; without negatives MIL cannot tell tumour from tissue."""
+def _check_training(train: Sequence[dict], unit: str = "image") -> None:
+    """Training needs positives to learn tumour from; without negatives MIL cannot tell tumour from tissue, which a
+    bag of a slide's tiles cannot do without at all (a warning for images, an error for slides)."""
     positives, negatives = _counts(train)
     if not train:
-        raise ValueError("training: no image left after carving out validation")
+        raise ValueError(f"training: no {unit} left after carving out validation")
     if not positives:
-        raise ValueError(f"training: no positive image among {len(train)}; the MIL teacher needs tumour images")
+        raise ValueError(f"training: no positive {unit} among {len(train)}; the MIL teacher needs tumour {unit}s")
+    if not negatives and unit == "slide":
+        raise ValueError(
+            f"training: all {len(train)} slides are labelled positive; slide-bag MIL learns tumour from the contrast "
+            "between positive and tumour-free slides (label 0): add negative slides, or train in tile-label mode"
+        )
     if not negatives:
         warnings.warn(
             f"training: all {len(train)} images are positive; with no negative image the MIL teacher cannot learn "
@@ -105,10 +111,11 @@ def _check_test(test: Sequence[dict]) -> None:
 
 
 def check_training_data(
-    train: Sequence[dict], val: Sequence[dict], test: Sequence[dict], selection_metric: str
+    train: Sequence[dict], val: Sequence[dict], test: Sequence[dict], selection_metric: str, unit: str = "image"
 ) -> None:
-    """Check the parts' sizes and labels for the chosen selection metric, and every mask's size, before training."""
-    _check_training(train)
+    """Check the parts' sizes and labels for the chosen selection metric, and every mask's size, before training;
+    ``unit`` is what one item is ("image", or "slide" for slide-bag MIL, which needs negative slides)."""
+    _check_training(train, unit)
     _check_validation(val, selection_metric, len(train))
     _check_test(test)
     for part, items in (("training", train), ("validation", val), ("test", test)):

@@ -10,6 +10,7 @@ tensor) and ``"level"``; their ``"label"`` is the slide's.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -35,9 +36,12 @@ __all__ = [
     "slide_tile_datalist",
     "SlideTileDataset",
     "SlideBagDataset",
+    "readable_slides",
 ]
 
 RESIZE_MODES = ("resize", "center_crop", "none")
+
+logger = logging.getLogger(__name__)
 
 
 class LoadPatchd(MapTransform):
@@ -197,6 +201,23 @@ def _read_mask_region(mask_slide: Slide, location_xy: tuple[int, int], size: int
     return ((region[..., 0] if region.ndim == 3 else region) > 0).astype(np.uint8)
 
 
+def readable_slides(slides: Sequence[dict], backends: Sequence[str] = BACKENDS) -> list[dict]:
+    """The entries of ``slides`` whose slide and mask open; each one that does not is logged with its error."""
+    readable = []
+    for entry in slides:
+        try:
+            for path in (entry["slide"], entry.get("mask")):
+                if path:
+                    open_slide(path, backends).close()
+        except (OSError, RuntimeError, ValueError) as err:
+            logger.error("skip_unreadable: leaving out slide %s: %s", entry["slide"], err)
+            continue
+        readable.append(entry)
+    if not readable:
+        raise ValueError(f"no readable slide among {len(slides)} (skip_unreadable left every one out)")
+    return readable
+
+
 def slide_tile_datalist(
     slides: Sequence[dict],
     level: int | None = None,
@@ -216,7 +237,10 @@ def slide_tile_datalist(
     """
     tiles = []
     for entry in slides:
-        slide = open_slide(entry["slide"], backends)
+        try:
+            slide = open_slide(entry["slide"], backends)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise ValueError(f"{err}\n(set skip_unreadable to train without this slide)") from None
         if entry.get("mask"):
             with open_slide(entry["mask"], backends) as mask:
                 if tuple(mask.level_dimensions[0]) != tuple(slide.level_dimensions[0]):
@@ -250,7 +274,9 @@ class SlideTileDataset(Dataset):
     ``data`` is a slide list (``load_slide_datalist``); ``tiling`` are the keyword arguments of
     ``slide_tile_datalist`` (``level``/``mpp``, ``tile_size``, ``overlap``, ``min_tissue``, ``grid_dir``,
     ``mpp_tolerance``, ``tissue_kwargs``). ``transform`` runs after ``LoadTiled``. ``self.data`` holds the tile
-    items, in slide order.
+    items, in slide order, ``self.slide_entries`` the slides they come from. A slide (or its mask) that cannot be
+    opened stops the construction, before any training, with the slide named; with ``skip_unreadable`` it is left
+    out and named in the log instead.
     """
 
     def __init__(
@@ -258,11 +284,16 @@ class SlideTileDataset(Dataset):
         data: Sequence[dict],
         transform: Callable | Sequence[Callable] | None = None,
         backends: Sequence[str] = BACKENDS,
+        skip_unreadable: bool = False,
         **tiling: Any,
     ) -> None:
+        if skip_unreadable:
+            data = readable_slides(data, backends)
         tiles = slide_tile_datalist(data, backends=backends, **tiling)
         extra = ensure_tuple(transform) if transform is not None else ()
         super().__init__(tiles, transform=Compose([LoadTiled("slide", backends), *extra]).flatten())
+        self.slide_entries = list(data)
+        self.tiling = dict(tiling)
 
     def bags(self) -> dict[str, list[int]]:
         """Tile indices grouped by slide path: the bags of multiple-instance learning with slide labels."""
@@ -273,23 +304,52 @@ class SlideTileDataset(Dataset):
 
 
 class SlideBagDataset(torch.utils.data.Dataset):
-    """One item per slide: ``tiles_per_bag`` of its tiles drawn at random (torch's RNG, so DataLoader seeding
-    applies), stacked to ``(k, ...)``, with the slide's label. Slides with fewer tiles draw with replacement."""
+    """The bags of multiple-instance learning with slide labels: one item per slide (``bags_per_slide`` per epoch),
+    ``tiles_per_bag`` of its tissue tiles drawn at random (torch's RNG, so DataLoader seeding applies) and stacked
+    to ``image`` (k, 3, H, W) (``mask`` (k, 1, H, W) and ``location`` (k, 2) level-0 ``(x, y)`` for evaluation only),
+    with the slide's ``label``.
 
-    def __init__(self, tiles: SlideTileDataset, tiles_per_bag: int = 16) -> None:
+    A slide with fewer tissue tiles than ``tiles_per_bag`` draws with replacement (logged once, naming the slides).
+    A positive slide without any tissue tile is refused (its label says tumour is there, but there is nothing to
+    learn it from: lower ``min_tissue``, or check the slide); a negative one is left out with a warning.
+    """
+
+    def __init__(self, tiles: SlideTileDataset, tiles_per_bag: int = 16, bags_per_slide: int = 1) -> None:
+        if tiles_per_bag < 1 or bags_per_slide < 1:
+            raise ValueError(f"tiles_per_bag and bags_per_slide must be >= 1, got {tiles_per_bag}, {bags_per_slide}.")
         self.tiles = tiles
         self.tiles_per_bag = tiles_per_bag
-        self.slides = list(tiles.bags().items())
+        self.bags_per_slide = bags_per_slide
+        groups = tiles.bags()
+        labels = {entry["slide"]: int(entry["label"]) for entry in tiles.slide_entries}
+        empty = [slide for slide in labels if slide not in groups]
+        if any(labels[slide] == 1 for slide in empty):
+            raise ValueError(
+                "positive slide(s) without a tissue tile: "
+                + ", ".join(slide for slide in empty if labels[slide] == 1)
+                + f"; a slide-labelled bag needs tiles (lower min_tissue, now {tiles.tiling.get('min_tissue')}, or "
+                "check the slide's tissue)"
+            )
+        if empty:
+            logger.warning("negative slide(s) without a tissue tile left out of the bags: %s", ", ".join(empty))
+        self.slides = list(groups.items())
+        small = [f"{Path(s).name} ({len(indices)})" for s, indices in self.slides if len(indices) < tiles_per_bag]
+        if small:
+            logger.info(
+                "%d of %d slides have fewer tissue tiles than tiles_per_bag=%d and draw with replacement: %s",
+                len(small), len(self.slides), tiles_per_bag, ", ".join(small),
+            )
 
     def __len__(self) -> int:
-        return len(self.slides)
+        return len(self.slides) * self.bags_per_slide
 
     def __getitem__(self, index: int) -> dict:
-        slide, indices = self.slides[index]
+        slide, indices = self.slides[index % len(self.slides)]
         if len(indices) >= self.tiles_per_bag:
             picks = torch.randperm(len(indices))[: self.tiles_per_bag]
         else:
             picks = torch.randint(len(indices), (self.tiles_per_bag,))
         items = [self.tiles[indices[i]] for i in picks.tolist()]
-        bag = {key: torch.stack([item[key] for item in items]) for key in ("image", "mask", "location")}
+        keys = ("image", "mask", "location")
+        bag = {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in keys}
         return {**bag, "label": items[0]["label"], "slide": slide, "name": Path(slide).stem}

@@ -1,3 +1,4 @@
+from .bag_trainer import BagMILTrainer
 from .batch import PrepareImageMask
 from .distillation_trainer import DistillationEvents, DistillationTrainer
 from .evaluation import selection_evaluator, selection_key

@@ -37,11 +37,13 @@ def selection_evaluator(
     amp: bool = False,
     inferer: Inferer | None = None,
     val_handlers: Sequence[Any] | None = None,
+    group_key: str | None = None,
 ) -> SupervisedEvaluator:
     """A ``SupervisedEvaluator`` whose key metric is ``prefix + selection_metric``.
 
     Mask-free criteria pair each image with its image label (MONAI's default batch) and publish every mask-free
-    score; ``mask_f1`` pairs it with its pixel mask and publishes the mask metrics as ``prefix + "mask_" + key``.
+    score, per slide when ``group_key`` names the batch key of the tiles' slide (slide-level labels); ``mask_f1``
+    pairs each image with its pixel mask and publishes the mask metrics as ``prefix + "mask_" + key``.
     """
     key = selection_key(selection_metric, prefix)
     if selection_metric == "mask_f1":
@@ -51,7 +53,9 @@ def selection_evaluator(
         )
         prepare_batch = PrepareImageMask()
     else:
-        metric = SelectionHandler(key=selection_metric, prefix=prefix, smooth_sigma=smooth_sigma, threshold=threshold)
+        metric = SelectionHandler(
+            key=selection_metric, prefix=prefix, smooth_sigma=smooth_sigma, threshold=threshold, group_key=group_key
+        )
         prepare_batch = default_prepare_batch
     return SupervisedEvaluator(
         device=device,

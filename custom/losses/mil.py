@@ -9,7 +9,9 @@ from torch.nn.modules.loss import _Loss
 
 from .dice import soft_dice_loss
 
-__all__ = ["gm_pool", "MILPoolingLoss", "ConstantMaskDiceLoss"]
+__all__ = ["gm_pool", "bag_pool", "BAG_POOLINGS", "MILPoolingLoss", "BagMILLoss", "ConstantMaskDiceLoss"]
+
+BAG_POOLINGS = ("gm", "top_fraction")
 
 
 def gm_pool(p: torch.Tensor, r: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
@@ -84,3 +86,75 @@ class ConstantMaskDiceLoss(_Loss):
         foreground = torch.where(positive, pred, 1.0 - pred)
         losses = soft_dice_loss(foreground, torch.ones_like(pred[:, :1]), self.smooth)
         return losses.mean() if self.reduction == "mean" else losses.sum()
+
+
+def bag_pool(maps: torch.Tensor, pooling: str = "gm", r: float = 4.0, top_fraction: float = 0.01) -> torch.Tensor:
+    """One score per map channel for a bag of tiles (k, C, H, W): the slide's score from all its tiles' pixels.
+
+    ``gm`` is the generalised mean over every pixel of the bag (``gm_pool`` of the tiles laid side by side, so a
+    bag of one tile scores like that tile); ``top_fraction`` the mean of the bag's highest ``top_fraction`` of pixels
+    (at least one), which lets a few percent of tumour tissue carry a slide however much normal tissue it holds.
+    """
+    if maps.ndim != 4:
+        raise ValueError(f"expected a bag of maps (k, C, H, W), got shape {tuple(maps.shape)}.")
+    channels = maps.transpose(0, 1)  # (C, k, H, W): every tile of the bag, per channel
+    if pooling == "gm":
+        return gm_pool(channels.flatten(1, 2), r)
+    if pooling == "top_fraction":
+        if not 0.0 < top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}.")
+        pixels = channels.flatten(1)
+        n = max(1, round(top_fraction * pixels.shape[1]))
+        return pixels.topk(n, dim=1).values.mean(dim=1)
+    raise ValueError(f"unknown bag pooling {pooling!r}; expected one of {BAG_POOLINGS}.")
+
+
+class BagMILLoss(_Loss):
+    """BCE between each bag's pooled score (every side map and the fused map) and its slide label.
+
+    Optionally, every tile of a negative slide also takes the all-background soft Dice term of
+    ``ConstantMaskDiceLoss`` (Dice of 1 - p against all ones), weighted by ``background_weight``: a negative
+    slide is negative at every pixel, which pooling alone only says of its highest pixels. Both terms are means
+    over bags (and tiles) and maps, so the scale does not depend on the bag size or the number of side maps.
+
+    Args:
+        pooling: "gm" (generalised mean over the bag's pixels with exponent ``r``) or "top_fraction" (mean of the
+            bag's top ``top_fraction`` pixels), see ``bag_pool``.
+        r: generalised-mean exponent.
+        top_fraction: fraction of a bag's pixels averaged by "top_fraction" pooling.
+        background_weight: weight of the all-background term on tiles of negative slides (0 switches it off).
+        smooth: Dice smoothing of that term.
+    """
+
+    def __init__(
+        self, pooling: str = "gm", r: float = 4.0, top_fraction: float = 0.01, background_weight: float = 0.0,
+        smooth: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if pooling not in BAG_POOLINGS:
+            raise ValueError(f"unknown bag pooling {pooling!r}; expected one of {BAG_POOLINGS}.")
+        if background_weight < 0:
+            raise ValueError(f"background_weight must be >= 0, got {background_weight}.")
+        self.pooling = pooling
+        self.r = r
+        self.top_fraction = top_fraction
+        self.background_weight = background_weight
+        self.smooth = smooth
+
+    def bag_scores(self, pred: torch.Tensor) -> torch.Tensor:
+        """(B, C) pooled scores of bags of maps (B, k, C, H, W)."""
+        if pred.ndim != 5:
+            raise ValueError(f"expected bags of maps (B, k, C, H, W), got shape {tuple(pred.shape)}.")
+        return torch.stack([bag_pool(bag, self.pooling, self.r, self.top_fraction) for bag in pred])
+
+    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """`pred`: (B, k, C, H, W) probabilities of B bags of k tiles; `label`: (B,) or (B, 1) slide labels."""
+        scores = self.bag_scores(pred)
+        targets = _image_labels(label, pred.shape[0])
+        loss = F.binary_cross_entropy(scores, targets[:, None].expand_as(scores))
+        negative = targets < 0.5
+        if self.background_weight > 0 and bool(negative.any()):
+            tiles = pred[negative].flatten(0, 1)  # every tile of every negative bag: (n, C, H, W)
+            background = soft_dice_loss(1.0 - tiles, torch.ones_like(tiles[:, :1]), self.smooth).mean()
+            loss = loss + self.background_weight * background
+        return loss

@@ -17,12 +17,20 @@ must be decided without masks. Every criterion is computed from per-image rows o
 
 ``fp_area`` (mean predicted area fraction on negatives) and ``pos_area`` (on positives) are published beside them.
 A criterion that needs both labels is NaN when the images hold only one.
+
+With slide labels the unit is the slide, not the tile: rows carry a group id (``slide_group_id`` of the slide path)
+and ``summarise_selection`` first reduces each slide's tiles to one slide row: its score is the generalised mean
+over all the slide's tile pixels (``(mean_t s_t^r)^(1/r)`` of the tiles' scores, exact for tiles of one size, the
+pooling of ``custom.losses.bag_pool``), its area the mean of its tiles' areas (the predicted tumour fraction of the
+slide's tissue) and its consistency the mean of its tiles'. ``auc`` is then the slide AUC and ``fp_area`` the
+false-positive area on negative slides.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +46,8 @@ __all__ = [
     "MASK_FREE_METRICS",
     "SELECTION_METRICS",
     "selection_rows",
+    "slide_group_id",
+    "group_rows",
     "summarise_selection",
     "flip_maps",
     "SelectionMetric",
@@ -47,8 +57,14 @@ __all__ = [
 MASK_FREE_METRICS = ("auc", "balanced_accuracy", "area_contrast", "flip_consistency")
 SELECTION_METRICS = (*MASK_FREE_METRICS, "mask_f1")
 
-# Columns of a selection row.
-LABEL, SCORE, AREA, CONSISTENCY = range(4)
+# Columns of a selection row; GROUP is NaN for a row that is its own unit (an image).
+LABEL, SCORE, AREA, CONSISTENCY, GROUP = range(5)
+N_COLUMNS = GROUP + 1
+
+
+def slide_group_id(name: str) -> float:
+    """A group id for a slide path, equal on every rank and process (CRC-32, exact in the rows' float64)."""
+    return float(zlib.crc32(str(name).encode("utf-8")))
 
 
 def _soft_dice(p: np.ndarray, q: np.ndarray) -> float:
@@ -64,11 +80,13 @@ def selection_rows(
     smooth_sigma: float | None = 3.0,
     threshold: float = 0.5,
     r: float = 4.0,
+    groups: Sequence[float] | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows (label, image score, predicted area fraction, consistency) for fused maps (B, H, W) and labels (B,).
+    """Rows (label, image score, predicted area fraction, consistency, group) for fused maps (B, H, W) and labels
+    (B,).
 
     ``transformed_maps`` are the maps of the transformed inputs, already transformed back (B, H, W); without them
-    the consistency column is NaN.
+    the consistency column is NaN. ``groups`` are B group ids (``slide_group_id``), NaN without them.
     """
     maps = np.asarray(maps.detach().float().cpu() if isinstance(maps, torch.Tensor) else maps, dtype=np.float32)
     labels = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
@@ -79,19 +97,43 @@ def selection_rows(
             transformed_maps.detach().float().cpu() if isinstance(transformed_maps, torch.Tensor) else transformed_maps,
             dtype=np.float32,
         )
+    group_ids = [math.nan] * len(maps) if groups is None else [float(g) for g in groups]
+    if len(group_ids) != len(maps):
+        raise ValueError(f"expected one group id per map ({len(maps)}), got {len(group_ids)}.")
     rows = []
     for index, (prob, label) in enumerate(zip(maps, labels)):
         score = gm_pool(torch.from_numpy(prob), r).item()
         area = float(predicted_mask(prob, smooth_sigma, threshold).mean())
         consistency = math.nan if transformed_maps is None else _soft_dice(prob, transformed_maps[index])
-        rows.append([float(label > 0.5), score, area, consistency])
-    return torch.tensor(rows, dtype=torch.float64).reshape(-1, CONSISTENCY + 1)
+        rows.append([float(label > 0.5), score, area, consistency, group_ids[index]])
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLUMNS)
 
 
-def summarise_selection(rows: torch.Tensor, threshold: float = 0.5) -> dict[str, float | int]:
-    """Reduce (N, 4) selection rows to every mask-free criterion, plus ``fp_area``, ``pos_area``, ``n_pos``,
-    ``n_neg``."""
-    rows = rows.to(torch.float64).reshape(-1, CONSISTENCY + 1)
+def group_rows(rows: torch.Tensor, r: float = 4.0) -> torch.Tensor:
+    """One row per group (slide) from the rows of its tiles; rows without a group stay as they are.
+
+    A group's score is the generalised mean of its tiles' scores with exponent ``r`` (the GM over all its pixels),
+    its area and consistency the means of its tiles', its label the label of its tiles (which must agree).
+    """
+    rows = rows.to(torch.float64).reshape(-1, N_COLUMNS)
+    grouped = ~torch.isnan(rows[:, GROUP])
+    if not bool(grouped.any()):
+        return rows
+    out = [rows[~grouped]]
+    for group in torch.unique(rows[grouped, GROUP]):
+        members = rows[rows[:, GROUP] == group]
+        if bool((members[:, LABEL] != members[0, LABEL]).any()):
+            raise ValueError(f"selection group {int(group)} holds tiles of both labels; a slide has one label.")
+        score = members[:, SCORE].clamp_min(0).pow(r).mean().pow(1.0 / r)
+        consistency = members[:, CONSISTENCY].mean()
+        out.append(torch.stack([members[0, LABEL], score, members[:, AREA].mean(), consistency, group])[None])
+    return torch.cat(out)
+
+
+def summarise_selection(rows: torch.Tensor, threshold: float = 0.5, r: float = 4.0) -> dict[str, float | int]:
+    """Reduce (N, 5) selection rows, grouped into slides where they carry a group (``group_rows``), to every
+    mask-free criterion, plus ``fp_area``, ``pos_area``, ``n_pos``, ``n_neg`` (images or slides)."""
+    rows = group_rows(rows, r)
     positive = rows[:, LABEL] > 0.5
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     both = n_pos > 0 and n_neg > 0
@@ -125,7 +167,8 @@ class SelectionMetric(CumulativeIterationMetric):
     """The mask-free criteria as a cumulative MONAI metric (gathered over ranks like any MONAI metric).
 
     ``y_pred`` is (B, C, H, W) with the fused map last, or (B, 2, H, W) = (fused map, transformed-back map) when
-    the handler computes consistency; ``y`` the image labels (B,) or (B, 1).
+    the handler computes consistency; ``y`` the image labels (B,) or (B, 1), or (B, 2) float64 = (label, group id)
+    when images are tiles of slides.
     """
 
     def __init__(self, smooth_sigma: float | None = 3.0, threshold: float = 0.5, r: float = 4.0) -> None:
@@ -139,13 +182,13 @@ class SelectionMetric(CumulativeIterationMetric):
         if y is None or y_pred.ndim != 4:
             raise ValueError(f"expected y_pred (B, C, H, W) and labels y (B,), got {tuple(y_pred.shape)} and {y}.")
         maps, transformed = (y_pred[:, 0], y_pred[:, 1]) if y_pred.shape[1] == 2 else (y_pred[:, -1], None)
-        return selection_rows(
-            maps, y.reshape(len(y_pred), -1)[:, 0], transformed, self.smooth_sigma, self.threshold, self.r
-        )
+        y = y.reshape(len(y_pred), -1)
+        groups = y[:, 1] if y.shape[1] > 1 else None
+        return selection_rows(maps, y[:, 0], transformed, self.smooth_sigma, self.threshold, self.r, groups)
 
     def aggregate(self) -> dict[str, float | int]:  # type: ignore[override]
-        """Every criterion over the images seen since the last ``reset()``."""
-        return summarise_selection(self.get_buffer(), self.threshold)
+        """Every criterion over the images (or slides) seen since the last ``reset()``."""
+        return summarise_selection(self.get_buffer(), self.threshold, self.r)
 
 
 class SelectionHandler(IgniteMetricHandler):
@@ -154,6 +197,8 @@ class SelectionHandler(IgniteMetricHandler):
     ``engine.state.metrics[name]`` receives criterion ``key`` (so checkpoints are ranked on it) and every value of
     ``summarise_selection`` is published as ``prefix + name``. With ``key="flip_consistency"`` (or
     ``consistency=True``) the handler runs the evaluator's network once more per batch on transformed images.
+    With ``group_key`` (e.g. ``"slide"``) the batch's values under that key group tiles into slides, and every
+    criterion is computed per slide (module docstring).
     """
 
     def __init__(
@@ -165,10 +210,12 @@ class SelectionHandler(IgniteMetricHandler):
         r: float = 4.0,
         consistency: bool | None = None,
         save_details: bool = True,
+        group_key: str | None = None,
     ) -> None:
         if key not in MASK_FREE_METRICS:
             raise ValueError(f"key must be one of {MASK_FREE_METRICS}, got {key!r}.")
         self.key = key
+        self.group_key = group_key
         self.prefix = prefix
         self.consistency = key == "flip_consistency" if consistency is None else consistency
         self._engine: Engine | None = None
@@ -180,8 +227,23 @@ class SelectionHandler(IgniteMetricHandler):
         self._engine = engine
         super().attach(engine, name)
 
+    def _groups(self, n: int) -> torch.Tensor | None:
+        """Group ids (n,) of the evaluator's current batch, from its ``group_key`` values; None without grouping."""
+        if self.group_key is None:
+            return None
+        batch = self._engine.state.batch if self._engine is not None else None
+        # MONAI's workflows decollate the batch into one dict per image before the metrics run
+        items = batch if isinstance(batch, (list, tuple)) else [batch]
+        if not all(isinstance(item, dict) and self.group_key in item for item in items):
+            raise KeyError(f"selection by {self.group_key!r} groups, but the batch has no {self.group_key!r} key.")
+        decollated = isinstance(batch, (list, tuple))
+        names = [item[self.group_key] for item in items] if decollated else list(batch[self.group_key])
+        if len(names) != n:
+            raise ValueError(f"batch has {len(names)} {self.group_key!r} values for {n} images.")
+        return torch.tensor([slide_group_id(name) for name in names], dtype=torch.float64)
+
     def _maps_and_labels(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fused maps [and transformed-back maps], labels) of one evaluator iteration."""
+        """(fused maps [and transformed-back maps], labels [with group ids]) of one evaluator iteration."""
         images, preds, labels = from_engine(["image", "pred", "label"])(output)
         pred = torch.stack(list(preds)) if isinstance(preds, (list, tuple)) else preds
         label = torch.stack([torch.as_tensor(v) for v in labels]) if isinstance(labels, (list, tuple)) else labels
@@ -193,7 +255,11 @@ class SelectionHandler(IgniteMetricHandler):
             network.eval()
             fused = torch.cat([fused, flip_maps(network, image.to(pred.device))[:, None].to(fused)], dim=1)
             network.train(was_training)
-        return fused, label.reshape(len(fused))
+        label = label.reshape(len(fused))
+        groups = self._groups(len(fused))
+        if groups is None:
+            return fused, label
+        return fused, torch.stack([label.double().cpu(), groups], dim=1)
 
     def completed(self, engine: Engine, name: str) -> None:
         """Publish the ranking criterion under ``name`` and every value under prefixed keys."""
