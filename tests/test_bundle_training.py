@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -196,12 +198,22 @@ def test_evaluate_config_writes_eval_metrics(tiny_data, tmp_path):
     assert "baseline: oracle_label" in log
 
 
-def test_training_on_tiles_of_a_slide_datalist(tmp_path):
-    """slides.json: stage 1 and 2 on tiles of slides.csv (split column), scored against the mask TIFFs."""
-    data = tmp_path / "slides"
+@pytest.fixture(scope="module")
+def slide_data(tmp_path_factory) -> Path:
+    """Six 1024-px synthetic slides in slides.csv: four to train (two positive), two to test."""
+    data = tmp_path_factory.mktemp("slides") / "slides"
     generate_dataset(data, SyntheticSpec(n_slides=6, size=1024, patches_per_slide=1, patch_size=64, test_fraction=0.34))
+    return data
+
+
+SLIDE_BAGS = ("train.json", "cpu_train.json", "slides.json", "slide_mil.json")
+TINY_BAGS = {"mpp": 1.0, "val_fraction": 0.3, "tiles_per_bag": 8, "tile_batch": 4}
+
+
+def test_training_on_tiles_of_a_slide_datalist(slide_data, tmp_path):
+    """slides.json: stage 1 and 2 on tiles of slides.csv (split column), scored against the mask TIFFs."""
     run_bundle(
-        tmp_path / "run", data, configs=("train.json", "cpu_train.json", "slides.json"),
+        tmp_path / "run", slide_data, configs=("train.json", "cpu_train.json", "slides.json"),
         stage1_epochs=1, stage2_epochs=1, mpp=1.0, val_fraction=0.3,
     )
     report = json.loads((tmp_path / "run" / "out" / "metrics.json").read_text())
@@ -215,6 +227,49 @@ def test_training_on_tiles_of_a_slide_datalist(tmp_path):
         for i in (4, 5)
     )
     assert n_test == csv_rows > 0 and report["student"]["n_pos"] > 0  # every tissue tile of the two test slides
+
+
+def _validation_counts(log: str) -> list[tuple[float, float]]:
+    """(val_n_pos, val_n_neg) of every validation line of a run's log."""
+    counts = []
+    for line in log.splitlines():
+        if "Metrics --" in line and "val_n_pos" in line:
+            fields = dict(re.findall(r"(val_n_pos|val_n_neg): ([0-9.]+)", line))
+            counts.append((float(fields["val_n_pos"]), float(fields["val_n_neg"])))
+    return counts
+
+
+def test_slide_bag_mil_trains_from_slide_labels_and_selects_per_slide(slide_data, tmp_path):
+    """slide_mil.json: stage 1 on bags of tiles with one label per slide, pseudo-masks per tile, stage 2 tile by tile,
+    validation scored per slide (two validation slides, not their tiles)."""
+    log = run_bundle(tmp_path, slide_data, configs=SLIDE_BAGS, stage1_epochs=2, stage2_epochs=2, **TINY_BAGS)
+    assert "ignite.engine.engine.BagMILTrainer" in log and "ignite.engine.engine.DistillationTrainer" in log
+    counts = _validation_counts(log)
+    assert len(counts) == 2 + 2 and set(counts) == {(1.0, 1.0)}  # each epoch of stage 1 and stage 2
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["config"]["tiles_per_bag"] == 8 and report["config"]["bag_pooling"] == "gm"
+    with open(tmp_path / "out" / "pseudo_labels" / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    train_slides = {row["name"].rsplit("_", 2)[0] for row in rows}
+    assert len(train_slides) == 2 and all(name.startswith("slide_00") for name in train_slides)  # tiles, not bags
+    labels = {row["name"].rsplit("_", 2)[0]: row["label"] for row in rows}
+    assert sorted(labels.values()) == ["0", "1"]
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+
+def test_killed_slide_bag_stage1_resumes_to_the_same_weights(slide_data, tmp_path):
+    """The bag stage resumes like the others: killed after an epoch, rerun, it ends with an uninterrupted run's
+    weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    kwargs = {"configs": SLIDE_BAGS, "stage1_epochs": 4, "stage2_epochs": 0, **TINY_BAGS}
+    run_bundle(straight, slide_data, **kwargs)
+    epoch, _ = kill_after_checkpoint(bundle_command(resumed, slide_data, **kwargs), resumed / "models", "stage1", 4)
+    log = run_bundle(resumed, slide_data, **kwargs)
+    assert "stage1: resumed from" in log and f"at epoch {epoch} of 4" in log
+    a = torch.load(straight / "models" / "stage1_checkpoint_epoch=4.pt", weights_only=False)
+    b = torch.load(resumed / "models" / "stage1_checkpoint_epoch=4.pt", weights_only=False)
+    for key, value in a["teacher"].items():
+        torch.testing.assert_close(b["teacher"][key], value, msg=f"teacher weight {key} differs after resume")
 
 
 @pytest.fixture(scope="module")
