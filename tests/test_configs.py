@@ -18,6 +18,9 @@ COMBINATIONS = [
     ("train.json", "supervised.json"),
     ("train.json", "cpu_train.json", "slides.json"),
     ("train.json", "slides.json", "cpu_train.json"),
+    ("train.json", "cpu_train.json", "slides.json", "slide_mil.json"),
+    ("train.json", "cpu_train.json", "supervised.json", "slides.json"),
+    ("train.json", "slides.json", "slide_mil.json", "multi_gpu_train.json"),
     ("train.json", "evaluate.json"),
     ("train.json", "cpu_train.json", "evaluate.json"),
     ("train.json", "multi_gpu_train.json"),
@@ -102,3 +105,11 @@ def test_inference_workflow_properties(tmp_path):
     )
     workflow.initialize()
     assert workflow.check_properties() == []
+
+
+def test_slide_mil_replaces_the_data_check_step():
+    """slide_mil.json replaces train.json's initialize step 2, which must be the pre-training data check."""
+    initialize = ConfigParser.load_config_file(CONFIGS / "train.json")["initialize"]
+    assert initialize[2].startswith("$custom.data.check_training_data(")
+    replaced = ConfigParser.load_config_file(CONFIGS / "slide_mil.json")["initialize#2"]
+    assert replaced.startswith("$custom.data.check_training_data(") and "unit='slide'" in replaced

@@ -127,3 +127,26 @@ def test_inference_shards_slides_and_resumes(runs, tmp_path):
     rerun = json.loads((tmp_path / "run_summary.json").read_text())
     assert [Path(p).stem for p in rerun["done"]] == [slides[1]]
     assert sorted(Path(p).stem for p in rerun["skipped"]) == [s for s in slides if s != slides[1]]
+
+
+def test_slide_bags_are_sharded_over_ranks(tmp_path):
+    """slide_mil.json under torchrun: each rank trains on half of the bags, the ranks agree on every swap, and the
+    tile pseudo-labels of the training slides are written once between them."""
+    data = tmp_path / "slides"
+    generate_dataset(data, SyntheticSpec(n_slides=6, size=1024, patches_per_slide=1, patch_size=64, test_fraction=0.34))
+    run = tmp_path / "run"
+    overrides = {**TINY, "stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 4, "mpp": 1.0, "val_fraction": 0.3,
+                 "tiles_per_bag": 4, "bags_per_slide": 4, "bags_per_batch": 2, "dataset_dir": str(data),
+                 "ckpt_dir": str(run / "models"), "output_dir": str(run / "out")}
+    configs = ["train.json", "cpu_train.json", "slides.json", "slide_mil.json", "multi_gpu_train.json"]
+    log = torchrun(2, configs, "training", overrides)
+    stage1 = torch.load(run / "models" / "stage1_checkpoint_epoch=1.pt", weights_only=False)
+    # two training slides x 4 bags = 8 bags; 4 per rank in batches of 2: 2 steps per epoch (1 process: 4)
+    assert stage1["trainer"]["epoch_length"] == 2
+    synced = SYNCED.findall(log)
+    assert sorted(int(rank) for _, rank, _, _ in synced) == [0, 1] and synced[0][2:] == synced[1][2:]
+    with open(run / "out" / "pseudo_labels" / "manifest.csv", newline="") as f:
+        names = [row["name"] for row in csv.DictReader(f)]
+    assert len(names) == len(set(names)) > 2 and {n.rsplit("_", 2)[0] for n in names} <= {f"slide_00{i}" for i in
+                                                                                          range(4)}
+    assert json.loads((run / "out" / "metrics.json").read_text())["config"]["tiles_per_bag"] == 4
