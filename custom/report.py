@@ -19,6 +19,7 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import MetricLogger
 
 from custom import tables
+from custom.checkpoints import RECORD_KEY, WEIGHTS_KEY, TrainingRecord
 from custom.engines.evaluation import selection_evaluator, selection_key
 from custom.handlers.role_swap import RoleSwapHandler
 from custom.metrics import METRIC_KEYS, evaluate_baselines
@@ -199,9 +200,9 @@ def format_table(results: Mapping[str, Mapping[str, float | int]], keys: Sequenc
 
 
 class TrainingReport:
-    """The end of a training run as one configured object: ``write()`` saves ``model.pt``, evaluates the stage-1
-    teacher and the distilled student on the test split and writes ``metrics.json``, ``training_curves.png`` and
-    ``overlays.png``.
+    """The end of a training run as one configured object: ``write()`` saves ``model.pt`` (with its record, and
+    ``model_metadata.json`` beside it), evaluates the stage-1 teacher and the distilled student on the test split and
+    writes ``metrics.json``, ``training_curves.png`` and ``overlays.png``.
 
     Args:
         output_dir: folder of the report files.
@@ -224,6 +225,10 @@ class TrainingReport:
         test_subsets: subset name -> regex on the test image names, for the per-subset table.
         amp, smooth_sigma, threshold: as in validation.
         n_overlays: test images in ``overlays.png``.
+        record: the training's :class:`custom.checkpoints.TrainingRecord`: ``model.pt`` is then
+            ``{"network": weights, "record": ...}`` (what the network is, how it was trained and chosen) and
+            ``model_metadata.json`` (the bundle's metadata with that record, for ``ckpt_export --meta_file``) is
+            written beside it; without one, ``model.pt`` is the plain state dict.
     """
 
     def __init__(
@@ -250,6 +255,7 @@ class TrainingReport:
         smooth_sigma: float | None = 3.0,
         threshold: float = 0.5,
         n_overlays: int = 6,
+        record: TrainingRecord | None = None,
     ) -> None:
         self.output_dir, self.ckpt_dir = Path(output_dir), Path(ckpt_dir)
         self.stage1_teacher, self.teacher, self.student, self.role_swap = stage1_teacher, teacher, student, role_swap
@@ -261,6 +267,23 @@ class TrainingReport:
         self.selection_key = selection_key(selection_metric)
         self.swap_margin, self.test_subsets = swap_margin, test_subsets
         self.amp, self.smooth_sigma, self.threshold, self.n_overlays = amp, smooth_sigma, threshold, n_overlays
+        self.record = record
+
+    def save_model(self, weights: dict[str, torch.Tensor], source: str, val_score: float | None) -> Path:
+        """Write ``model.pt`` (and, with a record, ``model_metadata.json``); return its path."""
+        path = self.ckpt_dir / "model.pt"
+        if self.record is None:
+            torch.save(weights, path)
+            return path
+        network = self.student if source == "best student" else self.teacher
+        record = self.record.describe(
+            weights=WEIGHTS_KEY, network=network, source=source, val_score=_plain(val_score),
+            selection_metric=self.selection_key,
+        )
+        torch.save({WEIGHTS_KEY: weights, RECORD_KEY: record}, path)
+        metadata = self.record.model_metadata(record)
+        (self.ckpt_dir / "model_metadata.json").write_text(json.dumps(metadata, indent=4))
+        return path
 
     def write(self) -> dict[str, Any]:
         """Save ``model.pt`` (the final model), evaluate the distilled model and the stage-1 teacher on the test split
@@ -275,7 +298,7 @@ class TrainingReport:
         config, modules = resolved_knobs(self.config), resolved_modules(self.config)
         output_dir.mkdir(parents=True, exist_ok=True)
         weights, source, val_score = select_final_model(teacher, role_swap)
-        torch.save(weights, ckpt_dir / "model.pt")
+        self.save_model(weights, source, val_score)
         distilled, distilled_source, distilled_score = distilled_model(teacher, role_swap)
         student.load_state_dict(distilled)
         kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}

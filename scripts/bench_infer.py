@@ -37,6 +37,7 @@ import numpy as np
 import tifffile
 import torch
 
+from custom.checkpoints import load_weights, read_record
 from custom.data.grid import make_tile_grid
 from custom.data.he_renderer import make_layout, render_tile, tissue_fraction
 from custom.data.slide import open_slide
@@ -96,9 +97,14 @@ def _network(width: float, threads: int, ckpt: str | None = None) -> torch.nn.Mo
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     network = DWSMIL(width=width)
-    if ckpt:
-        network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    if ckpt:  # the network the checkpoint records, whatever --width says
+        network = load_weights(network, ckpt, rebuild=True, knobs={"width": "--width"})
     return network.eval()
+
+
+def _width(width: float, ckpt: str | None) -> float:
+    """The width benchmarked: the checkpoint's record's, else ``--width``."""
+    return read_record(ckpt).get("network_def", {}).get("width", width) if ckpt else width
 
 
 def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: float):
@@ -187,8 +193,9 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
           ours_tif: str | None = None) -> None:
     """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim) runs one method (internal use).
 
-    ``ckpt``: a state_dict of ``DWSMIL(width)`` (e.g. the README's trained ``bundle/models/model.pt``, with ``--level``
-    matching its training resolution) instead of random weights, for maps with real tumour regions to outline.
+    ``ckpt``: a checkpoint (e.g. the README's trained ``bundle/models/model.pt``, with ``--level`` matching its
+    training resolution) instead of random weights, for maps with real tumour regions to outline; the network it
+    records is benchmarked (``--width`` only for a plain state dict without a record).
     """
     common = {"level": level, "tile": tile, "overlap": overlap, "batch_size": batch_size, "width": width,
               "threads": threads, "min_tissue": min_tissue, "ckpt": ckpt}
@@ -217,7 +224,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     rows["ours_all_outputs"] = _child("ours_all", slide=slide_path, cache_dir=cache, num_workers=num_workers, **common)
     tissue_mp = ours["n_tiles"] * (tile - overlap) ** 2 / 1e6  # tissue area the tiles stand for, level pixels
     print(f"slide {size} px, level {level} ({level_w}x{level_h}), {ours['n_tiles']} tissue tiles of {tile} "
-          f"(overlap {overlap}), DWS-MIL width {width}, batch {batch_size}, {threads} torch threads, "
+          f"(overlap {overlap}), DWS-MIL width {_width(width, ckpt)}, batch {batch_size}, {threads} torch threads, "
           f"{num_workers} reader worker(s); weights {ckpt or 'random (seed 0)'}; device cpu")
     print("Every row ends with the probability map as the same LZW pyramidal TIFF on disk.\n"
           "ours: BatchNorm folded into the convs (torch.fx) + channels-last, inference_mode, tiles read in a worker "

@@ -72,9 +72,11 @@ def run_bundle(run_dir: Path, data: Path, **kwargs) -> str:
 def test_one_command_training_writes_every_output(tiny_data, tmp_path):
     log = run_bundle(tmp_path, tiny_data)
     out, models = tmp_path / "out", tmp_path / "models"
-    # the final model loads into the configured network and gives maps in [0, 1]
+    # the final model loads into the configured network and gives maps in [0, 1]; it records that network
     net = DWSMIL(width=TINY["network_width"])
-    net.load_state_dict(torch.load(models / "model.pt", map_location="cpu"))
+    saved = torch.load(models / "model.pt", map_location="cpu", weights_only=True)
+    net.load_state_dict(saved["network"])
+    assert saved["record"]["network_def"] == net.definition and saved["record"]["image_size"] == TINY["image_size"]
     with torch.no_grad():
         maps = net.eval()(torch.rand(1, 3, 64, 64))
     assert maps.shape == (1, 4, 64, 64) and 0.0 <= maps.min() and maps.max() <= 1.0
@@ -94,10 +96,10 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
             and report["selection"]["metric"] == "val_area_contrast")
     assert report["config"]["network_width"] == TINY["network_width"] and report["config"]["swap_policy"] == "if_better"
     # the whole resolved configuration: every knob the run read, whichever file or override set it, and the
-    # networks and losses (mpp is read by slides.json alone)
+    # networks and losses (mpp too: the checkpoints record it, as the resolution the model is trained at)
     assert {"weight_decay", "val_fraction", "resize_mode", "distill_augment", "amp",
             "dataset_dir"} <= set(report["config"])
-    assert "mpp" not in report["config"]
+    assert report["config"]["mpp"] == 1.0
     assert report["config"]["learning_rate"] == 0.001 and report["config"]["amp"] is False
     assert report["modules"]["train::loss"] == "custom.losses.mil.MILPoolingLoss"
     assert report["modules"]["network_def"] == "custom.networks.dws_mil.DWSMIL"

@@ -538,3 +538,19 @@ def test_region_mpp_is_the_slides_or_the_configs_override(tmp_path):
     assert read_request_region(str(bare), (0, 0), (32, 32), 0)[1:] == (1.0, 0.5)  # none: 20x assumed
     assert read_request_region(str(bare), (0, 0), (32, 32), 0, mpp_override=1.0)[1:] == (1.0, 1.0)
     assert read_request_region(str(png), (0, 0), (32, 32), 0, mpp_override=0.25)[1:] == (1.0, 0.25)
+
+
+def test_a_checkpoint_that_records_its_network_is_served_without_overrides(tmp_path):
+    """inference.json alone serves a quarter-width model.pt with a record: its network, mpp and threshold."""
+    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))
+    from lib.tumour_infer import TumourSegmentation
+
+    from custom.checkpoints import TrainingRecord
+
+    torch.manual_seed(0)
+    trained = DWSMIL(width=WIDTH)
+    record = TrainingRecord(trained, image_size=128, mpp=1.0, threshold=0.4).describe()
+    torch.save({"network": trained.state_dict(), "record": record}, tmp_path / "model.pt")
+    task = TumourSegmentation(ROOT / "bundle", ("inference.json",), tmp_path / "model.pt")
+    assert task.network.definition == trained.definition and task.threshold == 0.4 and task.inferer.mpp == 1.0
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in task.network.state_dict().items())

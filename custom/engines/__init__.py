@@ -2,4 +2,4 @@ from .bag_trainer import BagMILTrainer
 from .batch import PrepareImageMask
 from .distillation_trainer import DistillationEvents, DistillationTrainer
 from .evaluation import selection_evaluator, selection_key
-from .stages import StageCheckpointSaver, run_stage
+from .stages import RecordedCheckpointSaver, StageCheckpointSaver, run_stage

@@ -12,7 +12,9 @@ from ignite.handlers import Checkpoint
 from monai.engines import Workflow
 from monai.handlers import CheckpointSaver
 
-__all__ = ["epoch_checkpoints", "StageCheckpointSaver", "run_stage"]
+from custom.checkpoints import RECORD_KEY, TrainingRecord
+
+__all__ = ["epoch_checkpoints", "RecordedCheckpointSaver", "SavedRecord", "StageCheckpointSaver", "run_stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +27,75 @@ def epoch_checkpoints(save_dir: str | Path, prefix: str) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-class StageCheckpointSaver(CheckpointSaver):
+class SavedRecord:
+    """A checkpoint entry holding the :class:`custom.checkpoints.TrainingRecord` of the network saved beside it, with
+    the training summary of the moment it is written: ``source``, the epoch (of the engine the saver is attached
+    to) and the validation score (the key metric of ``validator``, or of that engine when it is the evaluator).
+
+    Saved like any other object of a ``save_dict`` (``state_dict()``); nothing is restored from it on resume.
+    """
+
+    def __init__(self, record: TrainingRecord, weights: str, source: str = "", stage: str | None = None,
+                 validator: Workflow | None = None) -> None:
+        self.record, self.weights, self.source, self.stage, self.validator = record, weights, source, stage, validator
+        self.engine: Workflow | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The record, as plain data."""
+        scored = self.validator if self.validator is not None else self.engine
+        metric = getattr(getattr(scored, "state", None), "key_metric_name", None)
+        score = scored.state.metrics.get(metric) if metric else None
+        epoch = self.engine.state.epoch if self.engine is not None else None
+        training = {"source": self.source, "val_score": None if score is None else float(score),
+                    "epochs": self.record.epochs_until(self.stage, epoch)}
+        if metric:
+            training["selection_metric"] = metric
+        return self.record.describe(weights=self.weights, **training)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore: the record is written anew with every checkpoint."""
+
+
+class RecordedCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` whose files also hold, under ``"record"``, what the saved network is and how it
+    was trained (:class:`SavedRecord`), so that the checkpoint alone can be loaded, evaluated and exported
+    (``custom.checkpoints.load_weights``). ``train.json``'s best-teacher saver (``teacher_best.pt``).
+
+    Args:
+        save_dir, save_dict: as ``CheckpointSaver``; the first entry of ``save_dict`` is the network the record
+            describes (``record["weights"]`` names it).
+        record: the training's :class:`custom.checkpoints.TrainingRecord`; ``None`` saves no record.
+        source: what the saved network is, for the summary (e.g. ``stage-1 MIL teacher (best validation)``).
+        stage: the stage the saver runs in (a key of the record's ``epochs``).
+        validator: the evaluator whose key metric is the validation score, when the saver is attached to a trainer.
+        kwargs: the other arguments of ``CheckpointSaver``.
+    """
+
+    def __init__(self, save_dir: str, save_dict: dict, record: TrainingRecord | None = None, source: str = "",
+                 stage: str | None = None, validator: Workflow | None = None, **kwargs: Any) -> None:
+        save_dict = dict(save_dict)
+        if RECORD_KEY in save_dict:
+            raise ValueError(f"save_dict must not hold {RECORD_KEY!r}: the record is saved under it")
+        if record is not None and save_dict:
+            save_dict[RECORD_KEY] = SavedRecord(record, next(iter(save_dict)), source, stage, validator)
+        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
+
+    def attach(self, engine: Workflow) -> None:
+        """Record the epochs of ``engine``, then save at the configured events."""
+        if isinstance(self.save_dict.get(RECORD_KEY), SavedRecord):
+            self.save_dict[RECORD_KEY].engine = engine
+        super().attach(engine)
+
+
+class StageCheckpointSaver(RecordedCheckpointSaver):
     """The epoch ``CheckpointSaver`` of a training stage: each file holds ``save_dict`` plus the engine the saver is
-    attached to, under ``engine_key``.
+    attached to, under ``engine_key``, and the record (see :class:`RecordedCheckpointSaver`).
 
     A config cannot list the trainer in the ``save_dict`` of a handler that the trainer's own ``train_handlers``
     list (the reference would be circular), so the engine joins the checkpoint when the saver is attached. List it
     last in ``train_handlers``: Ignite runs the handlers of one event in the order they were attached, so each
-    epoch is then saved after its validation and role-swap decision. Same arguments as ``CheckpointSaver``.
+    epoch is then saved after its validation and role-swap decision. Same arguments as
+    :class:`RecordedCheckpointSaver`.
     """
 
     def __init__(self, save_dir: str, save_dict: dict, engine_key: str = "trainer", **kwargs: Any) -> None:
@@ -49,8 +112,9 @@ class StageCheckpointSaver(CheckpointSaver):
         super().attach(engine)
 
     def objects(self, engine: Workflow) -> dict[str, Any]:
-        """Everything a checkpoint of ``engine`` holds (also on a rank where the saver is not attached)."""
-        return {**self.save_dict, self.engine_key: engine}
+        """Everything a resumed run restores from a checkpoint of ``engine`` (also on a rank where the saver is not
+        attached): the saved objects and the engine; the record is not restored."""
+        return {**{k: v for k, v in self.save_dict.items() if k != RECORD_KEY}, self.engine_key: engine}
 
 
 def run_stage(

@@ -128,7 +128,8 @@ class SlideInferenceRunner:
         inferer: the whole-slide engine with the tiling knobs.
         dataset: what ``inference_items`` accepts (a slide list, a folder, a file, a list).
         output_dir: one subfolder per slide is written here.
-        ckpt_path: a state_dict of ``network``; None uses the network as given (e.g. TorchScript).
+        ckpt_path: a checkpoint of ``network`` (``custom.checkpoints.load_weights``: the network it records is built
+            instead when ``network`` differs); None uses the network as given (e.g. TorchScript).
         preprocessing: applied to each (3, H, W) float tile in [0, 1] (the training normalisation).
         threshold: tumour where the probability is at least this.
         min_area_um2: tumour regions smaller than this are left out of the GeoJSON and XML.
@@ -192,8 +193,8 @@ class SlideInferenceRunner:
         """Infer every item not yet done; return (and write as ``run_summary.json``) done/skipped/failed."""
         _check_writable(self.output_dir)
         items = self.assigned(inference_items(self.dataset))
-        if self.ckpt_path is not None:
-            load_weights(self.network, self.ckpt_path, config_key="ckpt_path")
+        if self.ckpt_path is not None:  # the network the checkpoint records, when the given one differs
+            self.network = load_weights(self.network, self.ckpt_path, config_key="ckpt_path", rebuild=True)
         report: dict[str, list] = {"done": [], "skipped": [], "failed": []}
         for item in items:
             if not self.overwrite and summary_path(self.output_dir, item["name"]).is_file():

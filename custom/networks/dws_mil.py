@@ -30,3 +30,7 @@ class DWSMIL(MILSegmenter):
         pretrained_path: str | None = None,
     ) -> None:
         super().__init__(vgg16_bn_trunk(width, in_channels, pretrained_path), stage_channels(width), fusion_weights)
+        self.definition = {
+            "_target_": "custom.networks.DWSMIL", "in_channels": int(in_channels), "width": float(width),
+            "fusion_weights": [float(w) for w in fusion_weights], "pretrained_path": pretrained_path,
+        }

@@ -18,6 +18,10 @@ class MILSegmenter(nn.Module):
     `(B, n_side + 1, H, W)` probabilities in [0, 1]; channels `0..n_side-1` are the side maps from shallow
     to deep, the last channel is the fused map `sum_i w_i * side_i`.
 
+    A backbone built from plain arguments (``DWSMIL``, ``SAMIL``) sets ``definition``: its config entry with every
+    argument, ``{"_target_": "custom.networks.DWSMIL", "width": 0.25, ...}``, which checkpoints record so that the
+    network can be built again from the file (``custom.checkpoints``); ``None`` here.
+
     Args:
         blocks: feature blocks applied one after the other (each may downsample).
         channels: output channels of each block.
@@ -27,6 +31,7 @@ class MILSegmenter(nn.Module):
 
     def __init__(self, blocks: Sequence[nn.Module], channels: Sequence[int], fusion_weights: Sequence[float]) -> None:
         super().__init__()
+        self.definition: dict | None = None
         if not len(blocks) == len(channels) == len(fusion_weights):
             raise ValueError(
                 f"need one channel count and one fusion weight per block: {len(blocks)} blocks, "

@@ -64,3 +64,8 @@ class SAMIL(MILSegmenter):
         blocks: list[nn.Module] = list(vgg16_bn_trunk(width, in_channels, pretrained_path))
         blocks[-1] = nn.Sequential(blocks[-1], SpatialSelfAttention(channels[-1], num_heads))
         super().__init__(blocks, channels, fusion_weights)
+        self.definition = {
+            "_target_": "custom.networks.SAMIL", "in_channels": int(in_channels), "width": float(width),
+            "fusion_weights": [float(w) for w in fusion_weights], "num_heads": int(num_heads),
+            "pretrained_path": pretrained_path,
+        }

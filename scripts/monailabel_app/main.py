@@ -9,8 +9,9 @@ Start it (see ``bundle/docs/monailabel.md``)::
 
 * ``models``: the name clients see (one model: this bundle's network).
 * ``bundle``: the bundle folder; default ``bundle/`` of the checkout that ``custom`` is installed from.
-* ``configs``: comma-separated config files of ``bundle/configs`` merged in order; default ``inference.json``
-  (``inference.json,cpu_inference.json`` serves the quarter-width network the CPU training makes).
+* ``configs``: comma-separated config files of ``bundle/configs`` merged in order; default ``inference.json``,
+  which serves the network the checkpoint records (``inference.json,cpu_inference.json`` serves a quarter-width
+  checkpoint that records none, saved before bundle 0.5.0).
 * ``ckpt_path``: the weights; default the config's ``ckpt_path`` (``bundle/models/model.pt``).
 * ``max_region_px``: the largest region a request may ask for, in pixels at its level.
 

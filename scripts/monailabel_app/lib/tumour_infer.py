@@ -14,6 +14,9 @@ Two kinds of request reach ``__call__``:
   first), answered with contours in level-0 ``(x, y)``: label ``tumour`` for outlines and ``exclusion`` for their
   holes (Camelyon16's ``_2`` meaning), which MONAI Label turns into DSA JSON or ASAP XML;
 * a whole plain image (PNG, JPEG), from ``POST /infer/{model}``: answered with a PNG mask, 1 = tumour, 0 = not.
+
+The network, and the threshold where the config leaves it unset, come from the checkpoint's record, as in the
+bundle's inference (``custom.checkpoints``); a region is inferred at the level the client asks for.
 """
 
 from __future__ import annotations
@@ -100,8 +103,9 @@ class TumourSegmentation(InferTask):
 
     Args:
         bundle_root: the bundle folder (holds ``configs/``; ``ckpt_path`` defaults to ``models/model.pt`` there).
-        config_files: config files of ``configs/`` merged in order, e.g. ``("inference.json", "cpu_inference.json")``.
-        ckpt_path: a state_dict of ``network_def``; None takes the config's ``ckpt_path``.
+        config_files: config files of ``configs/`` merged in order (``inference.json`` serves any checkpoint that
+            records its network; ``cpu_inference.json`` after it for a quarter-width one without that record).
+        ckpt_path: a checkpoint of the bundle; None takes the config's ``ckpt_path``.
     """
 
     def __init__(
@@ -110,12 +114,16 @@ class TumourSegmentation(InferTask):
     ) -> None:
         remove_stale_scratch()
         parser = parse_bundle(Path(bundle_root), config_files)
-        self.ckpt_path = os.fspath(ckpt_path or parser.get_parsed_content("ckpt_path"))
+        if ckpt_path:  # the config's network, mpp and threshold then follow this checkpoint's record
+            parser["ckpt_path"] = os.fspath(ckpt_path)
+        self.ckpt_path = os.fspath(parser.get_parsed_content("ckpt_path"))
         self.device = torch.device(parser.get_parsed_content("device"))
-        self.network = load_weights(parser.get_parsed_content("network"), self.ckpt_path, config_key="ckpt_path").eval()
+        network = parser.get_parsed_content("network")  # the network the checkpoint records
+        self.network = load_weights(network, self.ckpt_path, config_key="ckpt_path", rebuild=True).eval()
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.inferer = parser.get_parsed_content("inferer")
-        self.threshold = float(parser.get_parsed_content("threshold"))
+        # the runner's threshold: the config's, else the checkpoint's, else 0.5
+        self.threshold = float(parser.get_parsed_content("evaluator#threshold"))
         self.min_area_um2 = float(parser.get_parsed_content("min_area_um2"))
         self.mpp_override = parser.get_parsed_content("mpp_override")
         meta = parser.get("_meta_", {})
