@@ -182,7 +182,8 @@ class SlideEvaluator:
         """One slide's row of the report and, with ground truth, its FROC (fp probs, tp probs, targets)."""
         summary = self._summary(item)
         ds, output_mpp = float(summary["downsample"]), float(summary["output_mpp"])
-        row = {"name": item["name"], "label": item["label"], "score": summary["score"]}
+        row = {"name": item["name"], "label": item["label"], "score": summary["score"],
+               "tumour_fraction_of_tissue": summary.get("tumour_fraction_of_tissue")}
         shape_hw = tuple(reversed(summary["output_size_wh"]))
         truth = truth_reader(item, ds, shape_hw, tuple(summary["level0_size_wh"]))
         if truth is None:
@@ -225,9 +226,12 @@ class SlideEvaluator:
 
     @staticmethod
     def totals(rows: list[dict], frocs: list[tuple]) -> dict:
-        """Mean Dice / IoU over slides with ground truth (all and positives), slide AUC and FROC (None: undefined)."""
+        """Mean Dice / IoU over slides with ground truth (all and positives), the false-positive area on negative
+        slides (mean predicted tumour fraction of their tissue), slide AUC and FROC (None: undefined)."""
         scored = [r for r in rows if r["dice"] is not None]
         positives = [r for r in scored if r["label"] == 1]
+        negative_areas = [r["tumour_fraction_of_tissue"] for r in rows
+                          if r["label"] == 0 and r.get("tumour_fraction_of_tissue") is not None]
         labels = [r["label"] for r in rows]
         auc = None
         if 0 < sum(labels) < len(labels):
@@ -238,6 +242,7 @@ class SlideEvaluator:
             "iou": _mean([r["iou"] for r in scored]),
             "dice_pos": _mean([r["dice"] for r in positives]),
             "iou_pos": _mean([r["iou"] for r in positives]),
+            "fp_area_neg": _mean(negative_areas),
             "auc": auc,
             "froc": froc(list(fp), list(tp), sum(targets), len(frocs)),
             "n_slides": len(rows),
@@ -256,11 +261,14 @@ def format_table(report: dict) -> str:
         return f"{'-':>8}" if value is None else f"{value:>8.3f}"
 
     numbers = [tables.Column(k, 8, ">", ".3f") for k in ("score", "dice", "iou")]
-    counts = [tables.Column("lesions", 9), tables.Column("found", 7), tables.Column("FP", 5)]
+    counts = [tables.Column("tumour%", 9, ">", ".2%"), tables.Column("lesions", 9), tables.Column("found", 7),
+              tables.Column("FP", 5)]
     columns = [tables.Column("slide", 24, "<"), tables.Column("label", 6), *numbers, *counts]
-    keys = ("name", "label", "score", "dice", "iou", "lesions", "lesions_detected", "false_positives")
+    keys = ("name", "label", "score", "dice", "iou", "tumour_fraction_of_tissue", "lesions", "lesions_detected",
+            "false_positives")
     lines = [tables.format_table(columns, [[r.get(k) for k in keys] for r in report["slides"]])]
     lines.append(f"mean dice {cell(report['dice']).strip()}  iou {cell(report['iou']).strip()}  "
                  f"(positives: dice {cell(report['dice_pos']).strip()}, iou {cell(report['iou_pos']).strip()})  "
+                 f"false-positive area on negative slides {cell(report.get('fp_area_neg')).strip()}  "
                  f"slide AUC {cell(report['auc']).strip()}  FROC {cell(report['froc']).strip()}")
     return "\n".join(lines)
