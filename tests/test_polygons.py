@@ -65,3 +65,14 @@ def test_background_at_the_border_is_outside_not_a_hole():
     mask[0, 5] = False
     (polygon,) = mask_polygons(mask, downsample=1.0, min_area_px=4.0, simplify_px=0.0)
     assert not polygon.interiors and not polygon.contains(Polygon([(5.2, 0), (5.8, 0), (5.5, 0.4)]))
+
+
+def test_a_hole_with_an_island_inside_stays_the_hole_of_its_outline():
+    """The filled hole's representative point lies on the island; the hole still belongs to the outer outline."""
+    mask = np.zeros((40, 40), bool)
+    mask[2:38, 2:38] = True
+    mask[8:32, 8:32] = False
+    mask[16:24, 16:24] = True
+    outer, island = mask_polygons(mask, downsample=1.0, simplify_px=0.0)
+    assert len(outer.interiors) == 1 and not island.interiors and outer.is_valid and island.is_valid
+    assert outer.area == pytest.approx(36**2 - 24**2, abs=2) and island.area == pytest.approx(8**2, abs=1)

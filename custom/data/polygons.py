@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from shapely import STRtree
 from shapely.affinity import affine_transform
-from shapely.geometry import LinearRing, Polygon
+from shapely.geometry import LinearRing, Point, Polygon
 from skimage.measure import find_contours
 
 from custom.data.morphology import drop_small_pieces, fill_small_holes
@@ -68,7 +68,9 @@ def mask_polygons(
     tree = STRtree(outlines)
     owned: list[list] = [[] for _ in outlines]
     for hole in holes:
-        inside = tree.query(hole.representative_point(), predicate="within")
+        # a vertex of the hole's own ring: inside every outline around the hole and outside any island within it
+        # (rings never touch), where the filled hole's representative point may fall on such an island
+        inside = tree.query(Point(hole.exterior.coords[0]), predicate="within")
         if len(inside):
             owned[min(inside, key=lambda i: outlines[i].area)].append(hole.exterior)
     to_level0 = [downsample, 0, 0, downsample, (left + 0.5) * downsample, (top + 0.5) * downsample]
