@@ -275,3 +275,36 @@ def test_slide_bag_training_needs_negative_slides():
         warnings.simplefilter("always")
         check_training_data(slides, val, val, "area_contrast")  # images: a warning only
     assert any("all 3 images are positive" in str(w.message) for w in caught)
+
+
+def test_the_all_tissue_floor_by_hand(tmp_path):
+    """Tissue = the left half of the slide, tumour = its upper quarter: Dice 2 x 1/4 / (1/4 + 1/2) = 2/3."""
+    import json
+    import subprocess
+    import sys
+
+    from custom.metrics import all_tissue_floor
+    from custom.writers.pyramid_tiff import write_pyramid as write_label_pyramid
+
+    slide = _slide(tmp_path / "pos.tif", True)
+    truth = np.zeros((1024, 1024), np.uint8)
+    truth[:512, :512] = 255
+    mask = write_label_pyramid(tmp_path / "pos_mask.tif", lambda r, c, h, w: truth[r:r + h, c:c + w, None],
+                               (1024, 1024), channels=1, mpp=0.5)
+    negative = _slide(tmp_path / "neg.tif", True)
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"slide,label,mask\n{slide.name},1,{mask.name}\n{negative.name},0,\n")
+    floor = all_tissue_floor(listing)
+    assert floor["dice_pos"] == pytest.approx(2 / 3, abs=0.02)
+    assert floor["fp_area_neg"] == 0.0 and floor["auc"] == 1.0 and floor["n_slides"] == 2
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "slide_metrics.json").write_text(json.dumps({"dice_pos": 0.5, "fp_area_neg": 0.01, "auc": 0.75,
+                                                       "froc": 0.4, "n_slides": 2}))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slide_benchmark.py"
+    out = subprocess.run([sys.executable, str(script), "--datalist", str(listing), "--runs", f"mine={run}"],
+                         capture_output=True, text=True, check=True).stdout
+    mine = next(line for line in out.splitlines() if line.startswith("mine"))
+    assert mine.split()[1:5] == ["0.500", "0.0100", "0.750", "0.400"]
+    floor_line = next(line for line in out.splitlines() if line.startswith("floor: all tissue"))
+    assert abs(float(floor_line.split(")")[-1].split()[0]) - 2 / 3) < 0.02

@@ -42,7 +42,9 @@ from skimage.measure import block_reduce
 from custom import tables
 from custom.data.annotations import BACKGROUND, EXCLUDED, TUMOUR, rasterize_annotations, read_asap_xml
 from custom.data.datalist import load_slide_datalist
+from custom.data.slide import open_slide
 from custom.data.tiff import LabelTiff
+from custom.data.tissue import detect_tissue
 
 __all__ = ["FROC_FPS", "truth_reader", "SlideOverlap", "evaluate_slide", "froc", "SlideEvaluator", "format_table"]
 
@@ -272,3 +274,33 @@ def format_table(report: dict) -> str:
                  f"false-positive area on negative slides {cell(report.get('fp_area_neg')).strip()}  "
                  f"slide AUC {cell(report['auc']).strip()}  FROC {cell(report['froc']).strip()}")
     return "\n".join(lines)
+
+
+def all_tissue_floor(datalist: str | os.PathLike, tissue_mpp: float = 8.0) -> dict:
+    """The floor "all tissue of a positive slide is tumour, nothing on a negative slide" (it knows the slide label).
+
+    Dice per positive slide of the detected tissue (``detect_tissue`` at ``tissue_mpp``) against the mask TIFF
+    sampled on the tissue mask's grid; false-positive area 0 and slide AUC 1 by construction. Returns the keys of
+    ``SlideEvaluator.totals`` that apply (``froc`` is None: the floor ranks no detection).
+    """
+    dices = []
+    items = load_slide_datalist(datalist)
+    for item in items:
+        if item["label"] != 1:
+            continue
+        if not item.get("mask"):
+            raise ValueError(f"{item['slide']}: the all-tissue floor needs the slide's mask TIFF (column 'mask')")
+        with open_slide(item["slide"]) as slide:
+            tissue = detect_tissue(slide, mpp=tissue_mpp)
+        height, width = tissue.mask.shape
+        mask = LabelTiff(item["mask"])
+        try:
+            truth = _labels(mask.sampled_rows(tissue.downsample, 0, height, width)) == TUMOUR
+        finally:
+            mask.close()
+        predicted = tissue.mask.astype(bool)
+        total = int(truth.sum() + predicted.sum())
+        dices.append(2.0 * float((truth & predicted).sum()) / total if total else 1.0)
+    labels = [item["label"] for item in items]
+    return {"dice_pos": _mean(dices), "fp_area_neg": 0.0 if 0 in labels else None,
+            "auc": 1.0 if 0 < sum(labels) < len(labels) else None, "froc": None, "n_slides": len(items)}
