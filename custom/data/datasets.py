@@ -345,6 +345,8 @@ class SlideBagDataset(torch.utils.data.Dataset):
         return len(self.slides) * self.bags_per_slide
 
     def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):  # also ends plain iteration over the dataset
+            raise IndexError(f"bag index {index} out of range for {len(self)} bags")
         slide, indices = self.slides[index % len(self.slides)]
         if len(indices) >= self.tiles_per_bag:
             picks = torch.randperm(len(indices))[: self.tiles_per_bag]
