@@ -17,21 +17,20 @@ training slides at ``bags_per_slide`` bags of ``tiles_per_bag`` tiles each, from
 
     python scripts/bench_bags.py                                   # CPU: 2 bags x 16 tiles of 128 px, width 0.25
     python scripts/bench_bags.py --device cuda --width 1.0 --tile_size 256 --tiles_per_bag 64 --amp True
+
+``--json_out FILE`` also writes the setting, the rows and the epoch estimates as JSON.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import time
 from pathlib import Path
 
 import fire
 import torch
-from monai.engines import SupervisedTrainer
 
-from custom.engines import BagMILTrainer
-from custom.losses import BagMILLoss, MILPoolingLoss
-from custom.networks import DWSMIL
 from custom.tables import Column, format_table
 
 CAMELYON16_TRAIN_SLIDES = 270
@@ -73,7 +72,15 @@ def _peak(device: torch.device) -> float:
 
 
 def _row(kind: str, settings: dict, queue: mp.Queue) -> None:
-    """Child process: build one row's trainer, time its steps, put (tiles/s, peak MB above the start) on the queue."""
+    """Child process: build one row's trainer, time its steps, put (tiles/s, peak MB above the start) on the queue.
+    The training modules are imported here, in the children only, so the parent starts quickly."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    from custom.engines import BagMILTrainer
+    from custom.losses import BagMILLoss, MILPoolingLoss
+    from custom.networks import DWSMIL
+
     torch.set_num_threads(settings["threads"])
     torch.manual_seed(0)
     device = torch.device(settings["device"])
@@ -94,8 +101,6 @@ def _row(kind: str, settings: dict, queue: mp.Queue) -> None:
         loss_function=loss, amp=settings["amp"], decollate=False, **extra,
     )
     times: list[float] = []
-    from ignite.engine import Events
-
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: times.append(time.perf_counter()))
     start = _reset_peak(device) if settings["warmup"] == 0 else None
 
@@ -124,8 +129,10 @@ def main(
     threads: int = 2,
     amp: bool = False,
     bags_per_slide: int = 4,
+    json_out: str | None = None,
 ) -> None:
-    """Print the three rows, their ratios to tile training and the Camelyon16 epoch estimate."""
+    """Print the three rows, their ratios to tile training and the Camelyon16 epoch estimate (and write them to
+    ``json_out`` when given)."""
     settings = {"device": device, "width": width, "tile_size": tile_size, "bags": bags, "tiles_per_bag": tiles_per_bag,
                 "steps": steps, "warmup": warmup, "threads": threads, "amp": amp and device.startswith("cuda")}
     context = mp.get_context("spawn")
@@ -149,10 +156,19 @@ def main(
           f"steps after {warmup}, {threads} torch threads, device {device}{', AMP' if settings['amp'] else ''}")
     print(format_table(COLUMNS, rows, sep="  "))
     tiles_per_epoch = CAMELYON16_TRAIN_SLIDES * bags_per_slide * tiles_per_bag
+    epoch_min = {}
     for label, kind in (("one pass", "one pass"), ("two passes", "two passes")):
         seconds = tiles_per_epoch / results[kind][0]
+        epoch_min[kind] = seconds / 60
         print(f"Camelyon16 ({CAMELYON16_TRAIN_SLIDES} slides x {bags_per_slide} bags x {tiles_per_bag} tiles = "
               f"{tiles_per_epoch} tiles per epoch), bag {label}: {seconds / 60:.1f} min per epoch on this device")
+    if json_out:
+        record = dict(settings, bags_per_slide=bags_per_slide, tiles_per_epoch=tiles_per_epoch,
+                      bag_vs_tiles=results["one pass"][0] / tile_rate,
+                      camelyon16_epoch_min={"one_pass": epoch_min["one pass"], "two_passes": epoch_min["two passes"]},
+                      rows=[dict(zip(("row", "tiles_per_step", "tile_batch", "tiles_s", "vs_tiles", "peak_mb",
+                                      "mem_vs_tiles"), row)) for row in rows])
+        Path(json_out).write_text(json.dumps(record, indent=1))
     print(f"bag_vs_tiles={results['one pass'][0] / tile_rate:.2f}")
 
 

@@ -15,8 +15,13 @@ level size is ``tile + k * (tile - overlap)`` so MONAI's zero padding and the pr
     python scripts/bench_infer.py                              # 20,736 px slide, inferred at level 2
     python scripts/bench_infer.py --memory_check               # also the 4x larger slide (2x2 mosaic), ours only
     python scripts/bench_infer.py --ckpt bundle/models/model.pt --level 1  # a trained network (cpu_train.json, 1 um/px)
+    python scripts/bench_infer.py --device cuda --width 1.0 --size 40384 --level 1 --methods ours,cucim
 
 The last line is ``speedup_vs_monai=<ratio>``: the faster MONAI variant's wall time over ours, same output file.
+``--device cuda`` runs every method's network on the GPU, under float16 autocast with ``--amp`` (the default, as
+inference.json; MONAI's network is wrapped in the same autocast), and records each method's peak GPU memory
+(``max_memory_allocated``); on a CPU ``--amp`` changes nothing. ``--methods`` picks the rows (default all four);
+``--json_out FILE`` also writes the setting and the rows as JSON.
 """
 
 from __future__ import annotations
@@ -51,11 +56,15 @@ from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
 from custom.writers.pyramid_tiff import write_pyramid
 
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+METHODS = ("ours", "openslide", "cucim", "ours_all")
+ROW_NAMES = {"ours": "ours", "openslide": "monai_openslide", "cucim": "monai_cucim", "ours_all": "ours_all_outputs"}
 
 
 def normalise(image: torch.Tensor) -> torch.Tensor:
-    """The bundle's ImageNet normalisation of a [0, 1] image (works on (3, H, W) and (B, 3, H, W))."""
-    return (image - MEAN) / STD
+    """The bundle's ImageNet normalisation of a [0, 1] image (works on (3, H, W) and (B, 3, H, W)), on its device."""
+    if image.device.type == "cpu":
+        return (image - MEAN) / STD
+    return (image - MEAN.to(image.device)) / STD.to(image.device)
 
 
 def _render(layout, tile: int, position: tuple[int, int]) -> np.ndarray:
@@ -92,14 +101,14 @@ def make_mosaic(source: Path, path: Path, tile: int = 256) -> Path:
     return path
 
 
-def _network(width: float, threads: int, ckpt: str | None = None) -> torch.nn.Module:
-    """The benchmarked network: the same seed (or checkpoint) gives every method the same weights."""
+def _network(width: float, threads: int, ckpt: str | None = None, device: str = "cpu") -> torch.nn.Module:
+    """The benchmarked network on ``device``: the same seed (or checkpoint) gives every method the same weights."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     network = DWSMIL(width=width)
     if ckpt:  # the network the checkpoint records, whatever --width says
         network = load_weights(network, ckpt, rebuild=True, knobs={"width": "--width"})
-    return network.eval()
+    return network.eval().to(device)
 
 
 def _width(width: float, ckpt: str | None) -> float:
@@ -115,11 +124,11 @@ def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: flo
 
 def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, batch_size: int, num_workers: int,
              width: float, threads: int, min_tissue: float, ckpt: str | None = None,
-             outputs: tuple[str, ...] = ("prob",)) -> dict:
+             outputs: tuple[str, ...] = ("prob",), device: str = "cpu", amp: bool = True) -> dict:
     """This project's engine writing ``outputs`` (of ``SLIDE_OUTPUTS``); returns the stage timings."""
-    network = _network(width, threads, ckpt)
+    network = _network(width, threads, ckpt, device)
     inferer = WholeSlideInferer(tile, overlap, level=level, batch_size=batch_size, num_workers=num_workers,
-                                min_tissue=min_tissue, blend_mode="constant", progress=False)
+                                min_tissue=min_tissue, blend_mode="constant", progress=False, amp=amp)
     start = time.perf_counter()
     slide = open_slide(slide_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,21 +140,30 @@ def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, b
 
 
 class _Timed(torch.nn.Module):
-    """Wraps a network to add up the seconds its forward passes take."""
+    """Wraps a network to add up the seconds its forward passes take; on a GPU under float16 autocast when ``amp``
+    (as this project's engine runs), the fused map returned as float32 on the CPU, where MONAI's merger holds it."""
 
-    def __init__(self, network: torch.nn.Module) -> None:
+    def __init__(self, network: torch.nn.Module, amp: bool = False) -> None:
         super().__init__()
         self.network, self.seconds = network, 0.0
+        self.cuda = next(network.parameters()).device.type == "cuda"
+        self.amp = amp and self.cuda
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
-        out = self.network(x)[:, -1:]
+        if not self.cuda:
+            out = self.network(x)[:, -1:]
+        else:
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                out = self.network(x)[:, -1:]
+            out = out.float().cpu()  # waits for the GPU
         self.seconds += time.perf_counter() - start
         return out
 
 
 def run_monai(slide_path: Path, out: Path, reader: str, level: int, tile: int, overlap: int, batch_size: int,
-              width: float, threads: int, min_tissue: float, ckpt: str | None, ours_tif: str | None) -> dict:
+              width: float, threads: int, min_tissue: float, ckpt: str | None, ours_tif: str | None,
+              device: str = "cpu", amp: bool = True) -> dict:
     """MONAI's PatchInferer + WSISlidingWindowSplitter over the same tissue tiles, its map written as ours is."""
     from monai.inferers import AvgMerger, PatchInferer, WSISlidingWindowSplitter
 
@@ -156,9 +174,10 @@ def run_monai(slide_path: Path, out: Path, reader: str, level: int, tile: int, o
     keep = {(round(y / ds), round(x / ds)) for x, y in zip(grid.x, grid.y)}  # (row, col) at the level, as MONAI's
     splitter = WSISlidingWindowSplitter(tile, overlap, filter_fn=lambda patch, location: tuple(location) in keep,
                                         reader=reader, level=level)
+    to_device = torch.device(device)
     inferer = PatchInferer(splitter, AvgMerger, batch_size=batch_size,
-                           preprocessing=lambda x: normalise(x.float() / 255.0))
-    network = _Timed(_network(width, threads, ckpt))
+                           preprocessing=lambda x: normalise(x.to(to_device).float() / 255.0))
+    network = _Timed(_network(width, threads, ckpt, device), amp)
     with torch.inference_mode():
         merged = inferer(str(slide_path), network)[0, 0].numpy()
     written = time.perf_counter()
@@ -190,15 +209,20 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
           num_workers: int = 1, width: float = 0.25, threads: int = 2, min_tissue: float = 0.01,
           cache_dir: str = os.path.join(tempfile.gettempdir(), "wsl_bench"), memory_check: bool = False,
           ckpt: str | None = None, method: str | None = None, slide: str | None = None,
-          ours_tif: str | None = None) -> None:
+          ours_tif: str | None = None, device: str = "cpu", amp: bool = True,
+          methods: str | tuple[str, ...] = METHODS, gen_workers: int = 2, json_out: str | None = None,
+          generate_only: bool = False) -> None:
     """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim) runs one method (internal use).
 
     ``ckpt``: a checkpoint (e.g. the README's trained ``bundle/models/model.pt``, with ``--level`` matching its
     training resolution) instead of random weights, for maps with real tumour regions to outline; the network it
-    records is benchmarked (``--width`` only for a plain state dict without a record).
+    records is benchmarked (``--width`` only for a plain state dict without a record). ``device``: where every
+    method's network runs; ``amp``: float16 autocast on a GPU. ``methods``: the rows run (``ours`` first, and at
+    least one MONAI row). ``gen_workers``: processes rendering the synthetic slide when it is not cached;
+    ``generate_only``: generate (or find) the cached slide and stop.
     """
     common = {"level": level, "tile": tile, "overlap": overlap, "batch_size": batch_size, "width": width,
-              "threads": threads, "min_tissue": min_tissue, "ckpt": ckpt}
+              "threads": threads, "min_tissue": min_tissue, "ckpt": ckpt, "device": device, "amp": amp}
     if method is not None:
         path = Path(slide)
         out = Path(cache_dir) / f"out_{path.stem}_{method}"
@@ -210,28 +234,46 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
             reader = {"openslide": "OpenSlide", "cucim": "cuCIM"}[method]
             result = run_monai(path, out, reader, ours_tif=ours_tif, **common)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if torch.device(device).type == "cuda":
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps(result))
         return
+    methods = tuple(methods.split(",")) if isinstance(methods, str) else tuple(methods)
+    if methods[0] != "ours" or not {"openslide", "cucim"} & set(methods) or not set(methods) <= set(METHODS):
+        raise SystemExit(f"--methods: 'ours' first, then at least one of openslide, cucim (of {METHODS}); "
+                         f"got {methods}")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    slide_path = make_slide(cache / f"bench_{size}.tif", size)
+    started = time.perf_counter()
+    slide_path = make_slide(cache / f"bench_{size}.tif", size, workers=gen_workers)
+    generate_s = time.perf_counter() - started
+    if generate_only:
+        print(f"slide {slide_path} ready in {generate_s:.1f} s")
+        return
     with open_slide(slide_path) as s:
         level_w, level_h = s.level_dimensions[level]
     ours = _child("ours", slide=slide_path, cache_dir=cache, num_workers=num_workers, **common)
     rows = {"ours": ours}
     for reader in ("openslide", "cucim"):
-        rows[f"monai_{reader}"] = _child(reader, slide=slide_path, cache_dir=cache, ours_tif=ours["prob_tif"], **common)
-    rows["ours_all_outputs"] = _child("ours_all", slide=slide_path, cache_dir=cache, num_workers=num_workers, **common)
+        if reader in methods:
+            rows[f"monai_{reader}"] = _child(reader, slide=slide_path, cache_dir=cache, ours_tif=ours["prob_tif"],
+                                             **common)
+    if "ours_all" in methods:
+        rows["ours_all_outputs"] = _child("ours_all", slide=slide_path, cache_dir=cache, num_workers=num_workers,
+                                          **common)
     tissue_mp = ours["n_tiles"] * (tile - overlap) ** 2 / 1e6  # tissue area the tiles stand for, level pixels
+    amp_on = amp and torch.device(device).type == "cuda"
     print(f"slide {size} px, level {level} ({level_w}x{level_h}), {ours['n_tiles']} tissue tiles of {tile} "
           f"(overlap {overlap}), DWS-MIL width {_width(width, ckpt)}, batch {batch_size}, {threads} torch threads, "
-          f"{num_workers} reader worker(s); weights {ckpt or 'random (seed 0)'}; device cpu")
+          f"{num_workers} reader worker(s); weights {ckpt or 'random (seed 0)'}; device {device}"
+          + (", AMP (float16 autocast)" if amp_on else ""))
     print("Every row ends with the probability map as the same LZW pyramidal TIFF on disk.\n"
           "ours: BatchNorm folded into the convs (torch.fx) + channels-last, inference_mode, tiles read in a worker "
           "process, the pyramid written by a background thread as rows finish; 'write' is what is left after the "
           "network.\nMONAI: the plain network under inference_mode, the same batch size and torch threads, "
-          "PatchInferer reading in the main process (it has no reader workers); 'write' = its map to the TIFF.\n"
-          "ours_all_outputs: also the mask pyramid, GeoJSON, ASAP XML and overlay (the inference config's default).")
+          "PatchInferer reading in the main process (it has no reader workers); 'write' = its map to the TIFF."
+          + ("\nours_all_outputs: also the mask pyramid, GeoJSON, ASAP XML and overlay (the inference config's "
+             "default)." if "ours_all_outputs" in rows else ""))
     stages = ("tissue", "read", "preprocess", "wait", "model", "stitch", "write", "wall")
     print(f"{'method':<18}" + "".join(f"{s:>10}" for s in stages) + f"{'MP/s':>8}{'net%':>7}{'RSS MB':>9}"
           f"{'maxdiff':>9}")
@@ -251,9 +293,24 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
         print(f"peak RSS ours (5 runs each): {size} px {[round(m) for m in small_mb]} MB, 4x slide ({2 * size} px, "
               f"{big[0]['n_tiles']} tiles, wall {big[0]['timings']['wall']:.1f} s) {[round(m) for m in big_mb]} MB: "
               f"median x{ratio:.2f}")
-    fastest = min(rows[k]["timings"]["wall"] for k in ("monai_openslide", "monai_cucim"))
-    print(f"all outputs: speedup {fastest / rows['ours_all_outputs']['timings']['wall']:.2f} over MONAI writing only "
-          "the probability map")
+    fastest = min(rows[k]["timings"]["wall"] for k in ("monai_openslide", "monai_cucim") if k in rows)
+    if "ours_all_outputs" in rows:
+        print(f"all outputs: speedup {fastest / rows['ours_all_outputs']['timings']['wall']:.2f} over MONAI writing "
+              "only the probability map")
+    if torch.device(device).type == "cuda":
+        print("tiles/s: " + ", ".join(f"{name} {row['n_tiles'] / row['timings']['wall']:.0f}"
+                                      for name, row in rows.items())
+              + "; peak GPU memory (max_memory_allocated): "
+              + ", ".join(f"{name} {row['peak_gpu_mb']:.0f} MB" for name, row in rows.items()))
+    if json_out:
+        record = {"size": size, "level": level, "level_wh": [level_w, level_h], "tile": tile, "overlap": overlap,
+                  "batch_size": batch_size, "num_workers": num_workers, "width": _width(width, ckpt),
+                  "threads": threads, "device": device, "amp": amp_on, "generate_s": generate_s,
+                  "n_tiles": ours["n_tiles"], "tissue_mp": tissue_mp,
+                  "speedup_vs_monai": fastest / ours["timings"]["wall"],
+                  "rows": {name: dict(row, tissue_mp_s=tissue_mp / row["timings"]["wall"],
+                                      tiles_s=row["n_tiles"] / row["timings"]["wall"]) for name, row in rows.items()}}
+        Path(json_out).write_text(json.dumps(record, indent=1))
     print(f"speedup_vs_monai={fastest / ours['timings']['wall']:.2f}")
 
 

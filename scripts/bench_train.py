@@ -18,15 +18,24 @@ timed window is training only: from the epoch's start to its last iteration's en
 handler the config attaches (progress bar, TensorBoard). The first ``warmup`` epochs are not timed; each figure is the
 median over the ``epochs`` timed ones. Both sides use the process's torch threads (``--threads``).
 
+``--device cuda --amp True`` runs the same trainers and loops on a GPU (the configs' CUDA autocast + GradScaler, and the
+same in the plain loops), with the batches copied to the device every step on both sides; ``--width``,
+``--image_size``, ``--batch_size`` and ``--num_workers`` override the configs' ``network_width``, ``image_size``,
+``batch_size`` and ``num_workers`` (``--width 1.0 --image_size 256`` is ``train.json``'s full-size network). Each
+row also records the peak memory of the bundle trainer's run above its start (``max_memory_allocated`` on a GPU, the
+resident set on a CPU, as ``bench_bags.py``), printed on a GPU and written with ``--json_out``.
+
     python scripts/bench_train.py                      # 96 patches (80 trained on), 1 warm-up + 3 timed epochs per row
     python scripts/bench_train.py --n_images 256 --epochs 5 --threads 2
     python scripts/bench_train.py --pseudo_in_memory False   # LoadPseudoLabeld decoding every file every time
+    python scripts/bench_train.py --device cuda --amp True --width 1.0 --image_size 256 --size 256 --num_workers 2
 
 The last line is ``train_vs_plain=<ratio>``: the lowest of the rows' bundle / plain images-per-second ratios.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import tempfile
 import time
@@ -73,10 +82,11 @@ def write_patches(root: Path, n_images: int, size: int, seed: int = 0) -> Path:
 
 
 def bundle_config(data_dir: Path, work_dir: Path, epochs: int, cache: bool = True, seed: int = 111,
-                  pseudo_in_memory: bool = True) -> ConfigParser:
+                  pseudo_in_memory: bool = True, overrides: dict | None = None) -> ConfigParser:
     """train.json + cpu_train.json over ``data_dir``, outputs under ``work_dir``, no validation and no role swap;
     ``pseudo_in_memory`` False makes ``LoadPseudoLabeld`` decode its file on every sample (the behaviour before
-    it kept decoded maps), to measure what keeping them saves."""
+    it kept decoded maps), to measure what keeping them saves. ``overrides`` (config keys, e.g. ``device``,
+    ``amp``, ``network_width``) are applied last."""
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / name) for name in CONFIG_FILES])
     parser.update(
@@ -92,6 +102,7 @@ def bundle_config(data_dir: Path, work_dir: Path, epochs: int, cache: bool = Tru
             "swap_policy": "off",
             "keep_epoch_weights": False,
             "cache_pseudo_labels": cache,
+            **(overrides or {}),
         }
     )
     for transform in parser["distill"]["transforms"]:
@@ -101,21 +112,73 @@ def bundle_config(data_dir: Path, work_dir: Path, epochs: int, cache: bool = Tru
     return parser
 
 
-def epoch_seconds(engine: Engine) -> list[float]:
+def _rss_mb(field: str) -> float:
+    """``VmRSS`` or ``VmHWM`` (peak) of this process, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak(device: torch.device) -> float:
+    """Start a peak-memory window; return the memory in use now (MB): allocated on a GPU, resident on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current resident set
+    except OSError:  # not writable here: the peak is then the process's since its start
+        pass
+    return _rss_mb("VmRSS")
+
+
+def peak_since(device: torch.device, start: float) -> float:
+    """The peak memory (MB) since ``reset_peak`` returned ``start``, above ``start``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20 - start
+    return _rss_mb("VmHWM") - start
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously; a CPU has nothing to wait for)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def epoch_seconds(engine: Engine, device: torch.device = torch.device("cpu")) -> list[float]:
     """Run ``engine``; the seconds from each epoch's start to its last iteration's end (after every handler
-    attached before this one on those events: the config's seeding, progress bar and per-iteration logging)."""
+    attached before this one on those events: the config's seeding, progress bar and per-iteration logging; on a
+    GPU, once the iteration's queued work has finished)."""
     starts: list[float] = []
     ends: dict[int, float] = {}
+
+    def iteration_done(e: Engine) -> None:
+        _sync(device)
+        ends[e.state.epoch] = time.perf_counter()
+
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: starts.append(time.perf_counter()))
-    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: ends.__setitem__(e.state.epoch, time.perf_counter()))
+    engine.add_event_handler(Events.ITERATION_COMPLETED, iteration_done)
     engine.run()
     return [ends[epoch + 1] - start for epoch, start in enumerate(starts)]
 
 
-def load_images(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training images as one (N, 3, H, W) float tensor in [0, 1] and their (N,) float labels."""
+def timed_run(engine: Engine, device: torch.device) -> tuple[list[float], float]:
+    """``epoch_seconds`` of ``engine`` and the peak memory (MB) of its run above its start."""
+    start = reset_peak(device)
+    seconds = epoch_seconds(engine, device)
+    return seconds, peak_since(device, start)
+
+
+def load_images(items: list[dict], image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images as one (N, 3, H, W) float tensor in [0, 1] and their (N,) float labels; patches of another
+    size than ``image_size`` are resized to it (bilinear, anti-aliased, as the config's ``resize_mode: resize``), so
+    both sides train on images of the same size."""
     images = np.stack([read_rgb(item["image"]) for item in items])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    if image_size is not None and tuple(pixels.shape[-2:]) != (image_size, image_size):
+        pixels = torch.nn.functional.interpolate(pixels, (image_size, image_size), mode="bilinear", antialias=True)
     return pixels, torch.tensor([float(item["label"]) for item in items])
 
 
@@ -134,23 +197,45 @@ def augment(image: torch.Tensor, pseudo: torch.Tensor | None) -> tuple[torch.Ten
 
 
 def plain_loop(step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None], images: torch.Tensor,
-               labels: torch.Tensor, batch_size: int, epochs: int) -> list[float]:
-    """Seconds of each epoch of shuffled batches (index order, normalised per batch) handed to ``step``."""
+               labels: torch.Tensor, batch_size: int, epochs: int,
+               device: torch.device = torch.device("cpu")) -> list[float]:
+    """Seconds of each epoch of shuffled batches (index order, copied to ``device`` and normalised there per batch)
+    handed to ``step``; on a GPU each epoch ends when its queued work has finished."""
     seconds = []
+    mean, std = MEAN.to(device), STD.to(device)
     for _ in range(epochs):
         start = time.perf_counter()
         order = torch.randperm(images.shape[0])
         for batch in order.split(batch_size):
-            step(batch, (images[batch] - MEAN) / STD, labels[batch])
+            image = images[batch].to(device, non_blocking=True)
+            step(batch, (image - mean) / std, labels[batch].to(device, non_blocking=True))
+        _sync(device)
         seconds.append(time.perf_counter() - start)
     return seconds
 
 
+def config_device(config: ConfigParser) -> tuple[torch.device, bool]:
+    """The config's device and whether AMP is on (CUDA autocast + GradScaler, as MONAI's trainers use it)."""
+    device = torch.device(config.get_parsed_content("device"))
+    return device, bool(config.get_parsed_content("amp")) and device.type == "cuda"
+
+
 def plain_network(config: ConfigParser, source: torch.nn.Module) -> torch.nn.Module:
-    """A fresh network of the config's class and width holding ``source``'s weights."""
+    """A fresh network of the config's class and width holding ``source``'s weights, on the config's device."""
     network = DWSMIL(width=config["network_width"])
     network.load_state_dict(source.state_dict())
-    return network
+    return network.to(config_device(config)[0])
+
+
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
+    """``loss.backward()`` and the optimizer step, through ``scaler`` (a ``torch.amp.GradScaler``) when given."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def plain_optimizer(config: ConfigParser, network: torch.nn.Module) -> torch.optim.Optimizer:
@@ -158,87 +243,131 @@ def plain_optimizer(config: ConfigParser, network: torch.nn.Module) -> torch.opt
     return torch.optim.Adam(network.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"])
 
 
-def bench_stage1(data_dir: Path, work_dir: Path, warmup: int, epochs: int) -> tuple[int, float, float]:
-    """(images per epoch, bundle img/s, plain img/s) of stage 1."""
-    config = bundle_config(data_dir, work_dir / "stage1", warmup + epochs)
+def bench_stage1(data_dir: Path, work_dir: Path, warmup: int, epochs: int,
+                 overrides: dict | None = None) -> tuple[int, float, float, float]:
+    """(images per epoch, bundle img/s, plain img/s, bundle peak MB) of stage 1."""
+    config = bundle_config(data_dir, work_dir / "stage1", warmup + epochs, overrides=overrides)
+    device, amp = config_device(config)
     trainer = config.get_parsed_content("train#trainer")
     items = config.get_parsed_content("train#datalist")
     start_weights = plain_network(config, config.get_parsed_content("teacher"))
-    bundle = statistics.median(epoch_seconds(trainer)[warmup:])
+    seconds, peak = timed_run(trainer, device)
+    bundle = statistics.median(seconds[warmup:])
 
-    images, labels = load_images(items)
+    images, labels = load_images(items, config["image_size"])
     network = plain_network(config, start_weights)
     optimizer = plain_optimizer(config, network)
     loss_function = MILPoolingLoss(r=4.0)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
     network.train()
 
     def step(index: torch.Tensor, image: torch.Tensor, label: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=False)
-        loss_function(network(image), label).backward()
-        optimizer.step()
+        if scaler is None:
+            loss_function(network(image), label).backward()
+            optimizer.step()
+            return
+        with torch.autocast("cuda"):
+            loss = loss_function(network(image), label)
+        backward_step(loss, optimizer, scaler)
 
-    plain = statistics.median(plain_loop(step, images, labels, config["batch_size"], warmup + epochs)[warmup:])
-    return len(items), len(items) / bundle, len(items) / plain
+    loop = plain_loop(step, images, labels, config["batch_size"], warmup + epochs, device)
+    plain = statistics.median(loop[warmup:])
+    return len(items), len(items) / bundle, len(items) / plain, peak
 
 
 def bench_stage2(data_dir: Path, work_dir: Path, warmup: int, epochs: int, cache: bool,
-                 pseudo_in_memory: bool = True) -> tuple[int, float, float]:
-    """(images per epoch, bundle img/s, plain img/s) of stage 2, with the pseudo-label cache or a teacher forward."""
+                 pseudo_in_memory: bool = True, overrides: dict | None = None) -> tuple[int, float, float, float]:
+    """(images per epoch, bundle img/s, plain img/s, bundle peak MB) of stage 2, with the pseudo-label cache or a
+    teacher forward."""
     folder = work_dir / f"stage2_{'cached' if cache else 'teacher'}"
-    config = bundle_config(data_dir, folder, warmup + epochs, cache, pseudo_in_memory=pseudo_in_memory)
+    config = bundle_config(data_dir, folder, warmup + epochs, cache, pseudo_in_memory=pseudo_in_memory,
+                           overrides=overrides)
+    device, amp = config_device(config)
     trainer = config.get_parsed_content("distill#trainer")
     items = config.get_parsed_content("train#datalist")
     teacher = plain_network(config, config.get_parsed_content("teacher")).eval().requires_grad_(False)
     student = plain_network(config, config.get_parsed_content("student"))
-    bundle = statistics.median(epoch_seconds(trainer)[warmup:])
+    seconds, peak = timed_run(trainer, device)
+    bundle = statistics.median(seconds[warmup:])
 
-    images, labels = load_images(items)
+    images, labels = load_images(items, config["image_size"])
     optimizer = plain_optimizer(config, student)
     loss_function = DistillationLoss(
         lambda_wce=config["lambda_wce"], use_wce=config["use_wce"], wce_threshold=config["wce_threshold"],
         target=config["distill_target"],
     )
+    scaler = torch.amp.GradScaler("cuda") if amp else None
     pseudo = None
     if cache:  # the teacher's fused maps, computed once as the pseudo-label handler does, kept in memory
-        with torch.no_grad():
-            pseudo = torch.cat([teacher((images[i:i + 16] - MEAN) / STD)[:, -1:] for i in range(0, len(images), 16)])
+        mean, std = MEAN.to(device), STD.to(device)
+        with torch.no_grad(), torch.autocast("cuda", enabled=amp):
+            pseudo = torch.cat([teacher((images[i:i + 16].to(device) - mean) / std)[:, -1:].float()
+                                for i in range(0, len(images), 16)])
 
     def step(index: torch.Tensor, image: torch.Tensor, label: torch.Tensor) -> None:
-        image, target = augment(image, None if pseudo is None else pseudo[index])
-        if target is None:
-            with torch.no_grad():
-                target = teacher(image)
+        if scaler is None:
+            image, target = augment(image, None if pseudo is None else pseudo[index.to(pseudo.device)])
+            if target is None:
+                with torch.no_grad():
+                    target = teacher(image)
+            student.train()
+            optimizer.zero_grad(set_to_none=False)
+            loss_function.components(student(image), target, label)["loss"].backward()
+            optimizer.step()
+            return
+        image, target = augment(image, None if pseudo is None else pseudo[index.to(pseudo.device)])
         student.train()
         optimizer.zero_grad(set_to_none=False)
-        loss_function.components(student(image), target, label)["loss"].backward()
-        optimizer.step()
+        with torch.autocast("cuda"):  # as DistillationTrainer: teacher forward, student forward and loss
+            if target is None:
+                with torch.no_grad():
+                    target = teacher(image)
+            loss = loss_function.components(student(image), target, label)["loss"]
+        backward_step(loss, optimizer, scaler)
 
-    plain = statistics.median(plain_loop(step, images, labels, config["batch_size"], warmup + epochs)[warmup:])
-    return len(items), len(items) / bundle, len(items) / plain
+    loop = plain_loop(step, images, labels, config["batch_size"], warmup + epochs, device)
+    plain = statistics.median(loop[warmup:])
+    return len(items), len(items) / bundle, len(items) / plain, peak
+
+
+def overrides_of(device: str = "cpu", amp: bool = False, width: float | None = None, image_size: int | None = None,
+                 batch_size: int | None = None, num_workers: int | None = None) -> dict:
+    """The config keys the command line overrides: device and AMP always (defaults: the CPU without AMP; AMP only
+    on a GPU), the rest when given."""
+    keys = {"device": f"$torch.device({device!r})", "amp": bool(amp) and torch.device(device).type == "cuda"}
+    named = {"network_width": width, "image_size": image_size, "batch_size": batch_size, "num_workers": num_workers}
+    return keys | {key: value for key, value in named.items() if value is not None}
 
 
 def run(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 3, threads: int | None = None,
-        seed: int = 0, pseudo_in_memory: bool = True) -> tuple[list[list], float]:
-    """The table's rows ``[stage, images, bundle img/s, plain img/s, ratio]`` and the lowest ratio."""
+        seed: int = 0, pseudo_in_memory: bool = True,
+        overrides: dict | None = None) -> tuple[list[list], float, list[float]]:
+    """The table's rows ``[stage, images, bundle img/s, plain img/s, ratio]``, the lowest ratio and each row's
+    bundle-trainer peak memory (MB above its start)."""
     if threads:
         torch.set_num_threads(threads)
-    rows = []
+    rows, peaks = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = write_patches(Path(tmp) / "data", n_images, size, seed)
         work = Path(tmp) / "work"
         benches = [
-            ("stage 1", lambda: bench_stage1(data_dir, work, warmup, epochs)),
-            ("stage 2 cached", lambda: bench_stage2(data_dir, work, warmup, epochs, True, pseudo_in_memory)),
-            ("stage 2 teacher", lambda: bench_stage2(data_dir, work, warmup, epochs, False)),
+            ("stage 1", lambda: bench_stage1(data_dir, work, warmup, epochs, overrides)),
+            ("stage 2 cached",
+             lambda: bench_stage2(data_dir, work, warmup, epochs, True, pseudo_in_memory, overrides)),
+            ("stage 2 teacher", lambda: bench_stage2(data_dir, work, warmup, epochs, False, overrides=overrides)),
         ]
         for name, bench in benches:
-            count, bundle, plain = bench()
+            count, bundle, plain, peak = bench()
             rows.append([name, count, bundle, plain, bundle / plain])
-    return rows, min(row[-1] for row in rows)
+            peaks.append(peak)
+    return rows, min(row[-1] for row in rows), peaks
 
 
 def main(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 3, threads: int | None = None,
-         seed: int = 0, pseudo_in_memory: bool = True) -> None:
+         seed: int = 0, pseudo_in_memory: bool = True, device: str = "cpu", amp: bool = False,
+         width: float | None = None, image_size: int | None = None, batch_size: int | None = None,
+         num_workers: int | None = None, json_out: str | None = None) -> None:
     """Print the setting, the table and, last, ``train_vs_plain=<lowest ratio>``.
 
     Args:
@@ -249,15 +378,33 @@ def main(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 3, 
         threads: torch threads for both sides (default: torch's).
         seed: seed of the generated images.
         pseudo_in_memory: False decodes every pseudo-label file on every sample, as before they were kept.
+        device: torch device of both sides (``cuda`` for a GPU).
+        amp: CUDA autocast + GradScaler on both sides (ignored on a CPU).
+        width, image_size, batch_size, num_workers: override the configs' ``network_width``, ``image_size``,
+            ``batch_size`` and ``num_workers``.
+        json_out: also write the setting and the rows (with each row's peak memory) to this JSON file.
     """
-    rows, ratio = run(n_images, size, warmup, epochs, threads, seed, pseudo_in_memory)
-    knobs = ConfigParser.load_config_files([str(CONFIGS / name) for name in CONFIG_FILES])
+    overrides = overrides_of(device, amp, width, image_size, batch_size, num_workers)
+    rows, ratio, peaks = run(n_images, size, warmup, epochs, threads, seed, pseudo_in_memory, overrides)
+    knobs = ConfigParser.load_config_files([str(CONFIGS / name) for name in CONFIG_FILES]) | overrides
+    amp_on = bool(amp) and torch.device(device).type == "cuda"
     print(
         f"{' + '.join(CONFIG_FILES)}: DWS-MIL width {knobs['network_width']}, {knobs['image_size']} px, batch "
         f"{knobs['batch_size']}, {knobs['num_workers']} workers; {torch.get_num_threads()} torch threads; "
         f"median of {epochs} epoch(s) after {warmup} warm-up; pseudo-labels kept in memory: {pseudo_in_memory}"
+        + ("" if device == "cpu" else f"; device {device}{', AMP' if amp_on else ''}")
     )
     print(format_table(COLUMNS, rows, sep="  "))
+    if device != "cpu":
+        print("peak memory of the bundle trainers' runs above their start (max_memory_allocated): "
+              + ", ".join(f"{row[0]} {peak:.0f} MB" for row, peak in zip(rows, peaks)))
+    if json_out:
+        setting = {key: knobs[key] for key in ("network_width", "image_size", "batch_size", "num_workers")}
+        record = {"device": device, "amp": amp_on, **setting, "threads": torch.get_num_threads(), "epochs": epochs,
+                  "warmup": warmup, "train_vs_plain": ratio,
+                  "rows": [{"stage": row[0], "images": row[1], "bundle_img_s": row[2], "plain_img_s": row[3],
+                            "ratio": row[4], "bundle_peak_mb": peak} for row, peak in zip(rows, peaks)]}
+        Path(json_out).write_text(json.dumps(record, indent=1))
     print(f"train_vs_plain={ratio:.2f}")
 
 

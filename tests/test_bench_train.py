@@ -26,3 +26,12 @@ def test_bench_train_prints_the_three_rows_and_the_ratio(capsys):
     ratios = [float(line.split()[-1]) for line in lines[header + 1:-1]]
     assert all(r > 0 for r in ratios) and min(ratios) == ratio
     assert len(rows) == 3
+
+
+def test_overrides_keep_the_cpu_defaults_and_amp_only_on_a_gpu():
+    overrides_of = _bench_module().overrides_of
+    assert overrides_of() == {"device": "$torch.device('cpu')", "amp": False}
+    assert overrides_of("cpu", amp=True)["amp"] is False
+    gpu = overrides_of("cuda", amp=True, width=1.0, image_size=256, num_workers=2)
+    assert gpu == {"device": "$torch.device('cuda')", "amp": True, "network_width": 1.0, "image_size": 256,
+                   "num_workers": 2}
