@@ -30,6 +30,7 @@ from pathlib import Path
 
 import fire
 import torch
+from bench_train import peak_since, reset_peak  # the memory window of the training benchmarks, one owner
 
 from custom.tables import Column, format_table
 
@@ -43,32 +44,6 @@ COLUMNS = [
     Column("peak MB", float_format=".0f"),
     Column("mem vs tiles", float_format=".2f"),
 ]
-
-
-def _rss_mb(field: str) -> float:
-    """``VmRSS`` or ``VmHWM`` (peak) of this process, in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak(device: torch.device) -> float:
-    """Start a peak-memory window; return the memory in use now (MB)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current resident set
-    return _rss_mb("VmRSS")
-
-
-def _peak(device: torch.device) -> float:
-    """The peak memory (MB) since ``_reset_peak``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _rss_mb("VmHWM")
 
 
 def _row(kind: str, settings: dict, queue: mp.Queue) -> None:
@@ -102,12 +77,12 @@ def _row(kind: str, settings: dict, queue: mp.Queue) -> None:
     )
     times: list[float] = []
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: times.append(time.perf_counter()))
-    start = _reset_peak(device) if settings["warmup"] == 0 else None
+    start = reset_peak(device) if settings["warmup"] == 0 else None
 
     def start_window(engine) -> None:
         nonlocal start
         if engine.state.iteration == settings["warmup"]:
-            start = _reset_peak(device)
+            start = reset_peak(device)
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, start_window)
     trainer.run()
@@ -115,7 +90,7 @@ def _row(kind: str, settings: dict, queue: mp.Queue) -> None:
         torch.cuda.synchronize(device)
     end = time.perf_counter()
     timed = end - times[settings["warmup"]]
-    queue.put((bags * k * settings["steps"] / timed, _peak(device) - start))
+    queue.put((bags * k * settings["steps"] / timed, peak_since(device, start)))
 
 
 def main(

@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -26,10 +28,27 @@ from custom.data.he_renderer import SlideLayout, make_layout, render_mask, rende
 from custom.writers.asap_xml import write_asap_xml
 from custom.writers.pyramid_tiff import write_pyramid
 
-__all__ = ["SyntheticSpec", "generate_dataset", "ensure_sample_data", "COMPLETE_MARKER"]
+__all__ = ["SyntheticSpec", "generate_dataset", "ensure_sample_data", "COMPLETE_MARKER", "building_dataset"]
 
 COMPLETE_MARKER = ".complete.json"
 """Written last into a finished data set folder; holds the spec it was generated from."""
+
+
+@contextmanager
+def building_dataset(out: Path) -> Iterator[Path]:
+    """A temporary sibling folder of ``out`` to write a data set into; renamed to ``out`` when the block ends
+    normally, removed when it raises, so a failed or killed run never leaves a partial ``out``. The block writes
+    ``COMPLETE_MARKER`` last. ``out`` must not exist or be an empty folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    building.chmod(0o755)  # mkdtemp makes it private; the data set is meant to be shared
+    try:
+        yield building
+        if out.exists():
+            out.rmdir()
+        os.replace(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -173,11 +192,8 @@ def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out}: already exists and is not empty; remove it or choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    building.chmod(0o755)  # mkdtemp makes it private; the data set is meant to be shared
-    try:
+    with building_dataset(out) as building:
         for sub in ("slides", "masks", "annotations", *_PATCH_FOLDERS):
             (building / sub).mkdir(parents=True)
         jobs = [(spec, i, name, label, split, building) for i, (name, label, split) in enumerate(_slide_labels(spec))]
@@ -190,11 +206,6 @@ def generate_dataset(out: str | os.PathLike, spec: SyntheticSpec | None = None, 
         (building / "README.txt").write_text(_readme(spec, rows))
         summary = {"spec": asdict(spec), "slides": rows, "seconds": round(time.perf_counter() - start, 2)}
         (building / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(building, out)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     return summary
 
 

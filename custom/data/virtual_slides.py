@@ -50,8 +50,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -66,6 +64,7 @@ from scipy import ndimage
 from custom.data.datalist import EBHI_GROUP_PATTERN, patch_folder_datalist
 from custom.data.images import read_mask, read_rgb
 from custom.data.polygons import mask_polygons, outlines_and_holes
+from custom.data.synthetic import COMPLETE_MARKER, building_dataset
 from custom.writers.asap_xml import write_asap_xml
 from custom.writers.pyramid_tiff import write_pyramid
 
@@ -75,8 +74,6 @@ __all__ = [
     "plan_dataset", "dihedral", "cluster_outlines", "write_slide", "generate_virtual_slides", "spec_from_knobs",
 ]
 
-COMPLETE_MARKER = ".complete.json"
-"""Written last into a finished output folder; holds the spec and sources it was generated from, and the summary."""
 FORMAT_VERSION = 1
 """Stored in the marker with the spec: raise it when a change of this module changes what one spec writes, so that
 an older output is not reused as if it were current."""
@@ -679,11 +676,8 @@ def generate_virtual_slides(
     plans = plan_dataset(tissue_dir, benign_dir, spec)
     say = progress or (lambda line: None)
     say(f"{len(plans)} slides planned ({sum(p.label for p in plans)} positive), cells of {plans[0].cell} px")
-    out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    building = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    building.chmod(0o755)  # mkdtemp makes it private; the data set is meant to be shared
-    try:
+    with building_dataset(out) as building:
         for sub in ("slides", "masks", "annotations"):
             (building / sub).mkdir()
         rows: list[dict | None] = [None] * len(plans)
@@ -709,11 +703,6 @@ def generate_virtual_slides(
         summary = {**request, "splits": _split_summary(rows), "slides": rows,
                    "seconds": round(time.perf_counter() - start, 2)}
         (building / COMPLETE_MARKER).write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(building, out)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     return summary
 
 
