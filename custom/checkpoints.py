@@ -46,6 +46,7 @@ __all__ = [
     "UnreadableCheckpoint",
     "build_network",
     "definition_differences",
+    "init_networks",
     "load_problem",
     "load_weights",
     "network_definition",
@@ -325,6 +326,20 @@ def load_weights(
                        f"its definition differs from the checkpoint's: {_describe(differences)}")
     network.load_state_dict(state)
     return network
+
+
+def init_networks(networks: Sequence[torch.nn.Module], path: str | os.PathLike | None) -> None:
+    """Start every network of a training (teacher and student) from one trained checkpoint, to fine-tune it.
+
+    ``path`` is the ``init_path`` knob (e.g. a served ``model.pt``), None for training from ``network_def``'s own
+    initialisation; its recorded network must fit the config's (refused otherwise, naming the knob to set). A run
+    that resumes from a stage checkpoint replaces these weights with the checkpoint's afterwards.
+    """
+    if path is None:
+        return
+    for network in networks:
+        load_weights(network, path, config_key="init_path")
+    logger.info(f"{len(networks)} network(s) start from the weights of {os.fspath(path)} (init_path)")
 
 
 def _advice_without_record(

@@ -4,8 +4,10 @@ Every variant is one ``python -m monai.bundle run training`` of bundle/configs/t
 folder of its own (``out/seed{S}/{variant}``). Per seed, stage 1 (the MIL teacher) is trained once: its checkpoints
 are copied into every other variant's folder, where ``run_stage`` finds the finished stage and goes straight to the
 distillation. The supervised upper bound (gt masks, bundle/configs/supervised.json) trains its own network and is
-labelled as such. Each cell is the mean and standard deviation over seeds; the paired rows give the distilled
-student minus its own seed's teacher.
+labelled as such; so do the mixed-supervision variants (``masks_5pct``, ``masks_20pct``, ``masks_all``: that share of
+the training positives' masks used as strong labels, ``strong_fraction``), whose teacher and model.pt get rows.
+Each cell is the mean and standard deviation over seeds; the paired rows give the distilled student minus its own
+seed's teacher.
 
     python scripts/ablate.py --dataset_dir ../shared/data/ebhi-seg --out runs/ebhi --seeds 3
 """
@@ -38,11 +40,17 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "lambda_1": ([], {"lambda_wce": 1.0}),
     "wce_threshold_0.3": ([], {"wce_threshold": 0.3}),
     "supervised_upper_bound": (["supervised.json"], {}),
+    "masks_5pct": ([], {"strong_fraction": 0.05}),
+    "masks_20pct": ([], {"strong_fraction": 0.2}),
+    "masks_all": ([], {"strong_fraction": 1.0}),
 }
 DEFAULT_VARIANTS = ("full", "no_wce", "no_swap", "supervised_upper_bound")
 COLUMNS = ("f1", "f1_pos", "f1_neg", "iou", "hd", "pixel_dice", "auc", "fp_area")
 PAIRED = ("f1", "f1_pos", "f1_neg", "fp_area")
 SUPERVISED = "supervised_upper_bound"
+# variants whose stage 1 differs from the shared one (mixed supervision changes the teacher's loss): they train their
+# own, and the table gives their teacher and shipped model.pt beside their student
+OWN_STAGE1 = frozenset({SUPERVISED, "masks_5pct", "masks_20pct", "masks_all"})
 STAGE1_FILES = ("stage1_checkpoint_epoch=*.pt", "teacher_best.pt")
 
 
@@ -101,18 +109,22 @@ def rows_per_seed(results: dict[int, dict[str, dict]]) -> dict[str, list[dict]]:
     """Row name -> one metrics dict per seed: teacher, each variant's student, model.pt of "full", bound, floors."""
     rows: dict[str, list[dict]] = {}
     for per_variant in results.values():
-        distilled = {n: m for n, m in per_variant.items() if n != SUPERVISED}
+        distilled = {n: m for n, m in per_variant.items() if n not in OWN_STAGE1}
         first = next(iter(distilled.values()), None) or next(iter(per_variant.values()))
         if distilled:
             rows.setdefault("MIL teacher (stage 1)", []).append(
                 _with_subsets(first["teacher"], first["subsets"].get("teacher", {}))
             )
         for name, metrics in per_variant.items():
+            if name in OWN_STAGE1 and name != SUPERVISED:
+                rows.setdefault(f"MIL teacher: {name}", []).append(
+                    _with_subsets(metrics["teacher"], metrics["subsets"].get("teacher", {}))
+                )
             label = "supervised UPPER BOUND (gt masks)" if name == SUPERVISED else f"distilled: {name}"
             rows.setdefault(label, []).append(_with_subsets(metrics["student"], metrics["subsets"].get("student", {})))
-            if name == "full":
+            if name == "full" or (name in OWN_STAGE1 and name != SUPERVISED):
                 source = "teacher" if metrics["final_model"]["source"] == "stage-1 MIL teacher" else "student"
-                rows.setdefault("shipped model.pt (full)", []).append(
+                rows.setdefault(f"shipped model.pt ({name})", []).append(
                     _with_subsets(shipped_metrics(metrics), metrics["subsets"].get(source, {}))
                 )
         for name, metrics in first.get("baselines", {}).items():
@@ -178,8 +190,8 @@ def main(
         for name in names:
             variant_configs, overrides = VARIANTS[name]
             run_dir = out_dir / f"seed{seed}" / name
-            distils = name != SUPERVISED
-            if distils and stage1_source is not None:
+            shares = name not in OWN_STAGE1
+            if shares and stage1_source is not None:
                 _share_stage1(stage1_source, run_dir)
             metrics_path = run_dir / "outputs" / "metrics.json"
             if metrics_path.is_file():
@@ -187,7 +199,7 @@ def main(
             else:
                 settings = {**extra, **overrides, "seed": seed}
                 results[seed][name] = run_training(run_dir, dataset, base_configs + variant_configs, settings)
-            if distils and stage1_source is None:
+            if shares and stage1_source is None:
                 stage1_source = run_dir
     text = table(results)
     (out_dir / "ablation.json").write_text(json.dumps(results, indent=2))

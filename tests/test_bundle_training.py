@@ -101,7 +101,7 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
             "dataset_dir"} <= set(report["config"])
     assert report["config"]["mpp"] == 1.0
     assert report["config"]["learning_rate"] == 0.001 and report["config"]["amp"] is False
-    assert report["modules"]["train::loss"] == "custom.losses.mil.MILPoolingLoss"
+    assert report["modules"]["train::loss"] == "custom.losses.mixed.MixedSupervisionLoss"
     assert report["modules"]["network_def"] == "custom.networks.dws_mil.DWSMIL"
     assert (report["baselines"]["oracle_label"]["f1_neg"] == 1.0
             and report["baselines"]["all_background"]["f1_pos"] == 0.0)

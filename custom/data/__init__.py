@@ -12,4 +12,5 @@ from .datasets import (
     readable_slides,
 )
 from .images import read_mask, read_rgb
+from .strong_labels import STRONG_KEY, read_strong_datalist, with_strong_labels
 from .synthetic import SyntheticSpec, ensure_sample_data, generate_dataset

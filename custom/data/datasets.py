@@ -260,6 +260,7 @@ def slide_tile_datalist(
                     "label": entry["label"],
                     "mask": entry.get("mask"),
                     "annotation": entry.get("annotation"),
+                    "strong": bool(entry.get("strong", False)),
                     "location": (x, y),
                     "level": chosen,
                     "tile_size": tile_size,

@@ -15,6 +15,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
+from custom.data.strong_labels import STRONG_KEY
 from custom.transforms import PSEUDO_KEY
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ class DistillationTrainer(Trainer):
 
     Each iteration takes the teacher's maps for the batch, either the cached pseudo-labels in
     ``batchdata[pseudo_key]`` (B, 1, H, W) written by ``custom.handlers.PseudoLabelHandler``, or, with
-    ``pseudo_key=None``, a no-grad forward of the teacher; then runs the student, computes
+    ``pseudo_key=None``, a no-grad forward of the teacher (strong images take their pixel mask instead, see
+    :meth:`with_strong_masks`); then runs the student, computes
     ``loss_function.components(student_out, teacher_maps, label)`` and steps the optimizer.
 
     The teacher is frozen here (``requires_grad_(False)``, eval mode in every iteration) and must not be in the
@@ -73,6 +75,8 @@ class DistillationTrainer(Trainer):
         loss_function: a ``custom.losses.DistillationLoss`` or any module with
             ``components(student_out, teacher_maps, label) -> dict`` holding ``"loss"``.
         pseudo_key: batch key of the cached teacher maps; None runs the teacher on every batch.
+        mask_key: batch key of the pixel masks that replace the teacher's maps on strong images (``"strong"`` True,
+            mixed supervision); augmentations must move it with the image.
         epoch_length: number of iterations for one epoch, default to `len(train_data_loader)`.
         non_blocking: if True and this copy is between CPU and GPU, the copy may occur asynchronously.
         prepare_batch: function returning ``(image, label)`` on the device from ``batchdata``.
@@ -105,6 +109,7 @@ class DistillationTrainer(Trainer):
         optimizer: Optimizer,
         loss_function: torch.nn.Module,
         pseudo_key: str | None = PSEUDO_KEY,
+        mask_key: str = "mask",
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -150,6 +155,7 @@ class DistillationTrainer(Trainer):
         self.optimizer = optimizer
         self.loss_function = loss_function
         self.pseudo_key = pseudo_key
+        self.mask_key = mask_key
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.teacher_inferer = SimpleInferer() if teacher_inferer is None else teacher_inferer
         self.optim_set_to_none = optim_set_to_none
@@ -170,6 +176,20 @@ class DistillationTrainer(Trainer):
             )
         return batchdata[self.pseudo_key].to(device=inputs.device, non_blocking=self.non_blocking)
 
+    def with_strong_masks(self, batchdata: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
+        """The teacher's maps with every strong image's pixel mask in their place (mixed supervision).
+
+        A pathologist's mask outranks the teacher: strong images (``batchdata["strong"]``) learn their ``mask``,
+        every map channel of the target alike; a batch without strong images is returned unchanged.
+        """
+        if STRONG_KEY not in batchdata:
+            return target
+        strong = torch.as_tensor(batchdata[STRONG_KEY]).reshape(-1).bool().to(target.device)
+        if not bool(strong.any()):
+            return target
+        mask = (batchdata[self.mask_key].to(device=target.device, dtype=target.dtype) > 0.5).to(target.dtype)
+        return torch.where(strong.view(-1, 1, 1, 1), mask.expand_as(target), target)
+
     def _iteration(self, engine: DistillationTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         """
         One distillation step. Returns a dictionary with IMAGE, LABEL (image-level), PRED (student output),
@@ -182,7 +202,7 @@ class DistillationTrainer(Trainer):
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: labels}
 
         def _compute_pred_loss() -> None:
-            target = engine.teacher_maps(batchdata, inputs)
+            target = engine.with_strong_masks(batchdata, engine.teacher_maps(batchdata, inputs))
             engine.state.output[PSEUDO_KEY] = target
             engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
