@@ -79,14 +79,13 @@ def read_strong_datalist(path: str | os.PathLike) -> list[dict]:
     items = []
     for index, row in enumerate(rows):
         where = f"{path} entry {index}"
-        files = {}
         for key in ("image", "mask"):
-            value = row.get(key)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{where}: {key!r} must be a path, got {value!r}")
-            files[key] = path.parent / value
-            if not files[key].is_file():
-                raise FileNotFoundError(f"{where}: {key} file not found: {files[key]}")
+            if not isinstance(row.get(key), str) or not row[key]:
+                raise ValueError(f"{where}: {key!r} must be a path, got {row.get(key)!r}")
+        files = {key: path.parent / row[key] for key in ("image", "mask")}
+        for key, file in files.items():
+            if not file.is_file():
+                raise FileNotFoundError(f"{where}: {key} file not found: {file}")
         label = int(bool(read_mask(files["mask"]).any()))
         name = str(row.get("name") or f"strong_{files['image'].stem}")
         items.append(

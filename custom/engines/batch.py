@@ -8,8 +8,6 @@ from typing import Any
 import torch
 from monai.engines import PrepareBatch
 
-from custom.data.strong_labels import STRONG_KEY
-
 __all__ = ["PrepareImageMask", "PrepareWeakStrong"]
 
 
@@ -41,8 +39,11 @@ class PrepareWeakStrong(PrepareBatch):
     a ``strong`` key (e.g. slide tiles) is all weak.
     """
 
-    def __init__(self, image_key: str = "image", label_key: str = "label", mask_key: str = "mask") -> None:
-        self.image_key, self.label_key, self.mask_key = image_key, label_key, mask_key
+    def __init__(
+        self, image_key: str = "image", label_key: str = "label", mask_key: str = "mask", strong_key: str = "strong"
+    ) -> None:
+        # strong_key: the flag custom.data.with_strong_labels sets (its STRONG_KEY); engines import no data module
+        self.image_key, self.label_key, self.mask_key, self.strong_key = image_key, label_key, mask_key, strong_key
 
     def __call__(
         self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False,
@@ -51,8 +52,8 @@ class PrepareWeakStrong(PrepareBatch):
         """Move the image and the weak and strong targets of ``batchdata`` to ``device``."""
         image = batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs)
         label = torch.as_tensor(batchdata[self.label_key])
-        strong = torch.as_tensor(batchdata.get(STRONG_KEY, torch.zeros(label.shape[0], dtype=torch.bool))).bool()
-        targets = {self.label_key: label, STRONG_KEY: strong}
+        strong = torch.as_tensor(batchdata.get(self.strong_key, torch.zeros(label.shape[0], dtype=torch.bool))).bool()
+        targets = {self.label_key: label, self.strong_key: strong}
         if bool(strong.any()):
             targets[self.mask_key] = batchdata[self.mask_key]
         return image, {k: torch.as_tensor(v).to(device=device, non_blocking=non_blocking) for k, v in targets.items()}

@@ -15,7 +15,6 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
-from custom.data.strong_labels import STRONG_KEY
 from custom.transforms import PSEUDO_KEY
 
 if TYPE_CHECKING:
@@ -75,8 +74,10 @@ class DistillationTrainer(Trainer):
         loss_function: a ``custom.losses.DistillationLoss`` or any module with
             ``components(student_out, teacher_maps, label) -> dict`` holding ``"loss"``.
         pseudo_key: batch key of the cached teacher maps; None runs the teacher on every batch.
-        mask_key: batch key of the pixel masks that replace the teacher's maps on strong images (``"strong"`` True,
-            mixed supervision); augmentations must move it with the image.
+        mask_key: batch key of the pixel masks that replace the teacher's maps on strong images (mixed supervision);
+            augmentations must move it with the image.
+        strong_key: batch key of the per-image flag "this mask is a strong label" (``custom.data.STRONG_KEY``, which
+            ``custom.data.with_strong_labels`` sets).
         epoch_length: number of iterations for one epoch, default to `len(train_data_loader)`.
         non_blocking: if True and this copy is between CPU and GPU, the copy may occur asynchronously.
         prepare_batch: function returning ``(image, label)`` on the device from ``batchdata``.
@@ -110,6 +111,7 @@ class DistillationTrainer(Trainer):
         loss_function: torch.nn.Module,
         pseudo_key: str | None = PSEUDO_KEY,
         mask_key: str = "mask",
+        strong_key: str = "strong",
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -156,6 +158,7 @@ class DistillationTrainer(Trainer):
         self.loss_function = loss_function
         self.pseudo_key = pseudo_key
         self.mask_key = mask_key
+        self.strong_key = strong_key
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.teacher_inferer = SimpleInferer() if teacher_inferer is None else teacher_inferer
         self.optim_set_to_none = optim_set_to_none
@@ -179,12 +182,12 @@ class DistillationTrainer(Trainer):
     def with_strong_masks(self, batchdata: dict[str, Any], target: torch.Tensor) -> torch.Tensor:
         """The teacher's maps with every strong image's pixel mask in their place (mixed supervision).
 
-        A pathologist's mask outranks the teacher: strong images (``batchdata["strong"]``) learn their ``mask``,
+        A pathologist's mask outranks the teacher: strong images (``batchdata[strong_key]``) learn their ``mask``,
         every map channel of the target alike; a batch without strong images is returned unchanged.
         """
-        if STRONG_KEY not in batchdata:
+        if self.strong_key not in batchdata:
             return target
-        strong = torch.as_tensor(batchdata[STRONG_KEY]).reshape(-1).bool().to(target.device)
+        strong = torch.as_tensor(batchdata[self.strong_key]).reshape(-1).bool().to(target.device)
         if not bool(strong.any()):
             return target
         mask = (batchdata[self.mask_key].to(device=target.device, dtype=target.dtype) > 0.5).to(target.dtype)
