@@ -16,16 +16,25 @@ level size is ``tile + k * (tile - overlap)`` so MONAI's zero padding and the pr
     python scripts/bench_infer.py --memory_check               # also the 4x larger slide (2x2 mosaic), ours only
     python scripts/bench_infer.py --ckpt bundle/models/model.pt --level 1  # a trained network (cpu_train.json, 1 um/px)
     python scripts/bench_infer.py --device cuda --width 1.0 --size 40384 --level 1 --methods ours,cucim
+    python scripts/bench_infer.py --scaling True               # ours, every output, on 1x, 4x and 16x the tissue
 
 The last line is ``speedup_vs_monai=<ratio>``: the faster MONAI variant's wall time over ours, same output file.
 ``--device cuda`` runs every method's network on the GPU, under float16 autocast with ``--amp`` (the default, as
 inference.json; MONAI's network is wrapped in the same autocast), and records each method's peak GPU memory
 (``max_memory_allocated``); on a CPU ``--amp`` changes nothing. ``--methods`` picks the rows (default all four);
 ``--json_out FILE`` also writes the setting and the rows as JSON.
+
+``--scaling True`` measures how cost grows instead: the default slide and k x k mosaics of it (``--sizes``, tissue area
+multiples, perfect squares; default 1,4,16: the same tissue fraction, so about 1:4:16 tissue tiles) each inferred by
+this engine with every output (the ``ours_all_outputs`` row), one after another in this process after an untimed
+warm-up on the first. Each row has its own peak-memory window (``bench_train.reset_peak`` / ``peak_since``: the main
+process's resident set, the reader worker's own memory not included, as in the rows above) and the time per tile
+against the first row's; the last line is ``scaling: time/tile <last>x vs <first>x = R, peak memory ... = M``.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -41,6 +50,7 @@ import fire
 import numpy as np
 import tifffile
 import torch
+from bench_train import peak_since, reset_peak  # the memory window of the training benchmarks, one owner
 
 from custom.checkpoints import load_weights, read_record
 from custom.data.grid import make_tile_grid
@@ -52,6 +62,7 @@ from custom.inference.outputs import SLIDE_OUTPUTS, write_slide_outputs
 from custom.inference.streaming import PyramidStreamer
 from custom.inference.wsi import WholeSlideInferer
 from custom.networks import DWSMIL
+from custom.tables import Column, format_table
 from custom.transforms import IMAGENET_MEAN, IMAGENET_STD
 from custom.writers.pyramid_tiff import write_pyramid
 
@@ -86,8 +97,9 @@ def make_slide(path: Path, size: int, seed: int = 0, workers: int = 2, tile: int
     return path
 
 
-def make_mosaic(source: Path, path: Path, tile: int = 256) -> Path:
-    """A 2x2 mosaic of ``source`` (side a multiple of ``tile``; 4x its pixels, same tissue fraction), tile by tile."""
+def make_mosaic(source: Path, path: Path, tile: int = 256, repeat: int = 2) -> Path:
+    """A ``repeat`` x ``repeat`` mosaic of ``source`` (side a multiple of ``tile``; ``repeat**2`` x its pixels, same
+    tissue fraction), copied tile by tile, far quicker than rendering that much tissue; reused when already cached."""
     if path.is_file():
         return path
     with tifffile.TiffFile(source) as tif:
@@ -97,7 +109,8 @@ def make_mosaic(source: Path, path: Path, tile: int = 256) -> Path:
         def tile_at(row: int, col: int, height: int, width: int) -> np.ndarray:
             return read_tiff_region(page, row % size, col % size, height, width)
 
-        write_pyramid(path, tile_at, (2 * size, 2 * size), 3, mpp=0.5, tile=tile)
+        write_pyramid(path, tile_at, (repeat * size, repeat * size), 3, mpp=0.5, tile=tile)
+    print(f"generated {path} ({repeat}x{repeat} mosaic of {source.name}, {repeat * size} px)", flush=True)
     return path
 
 
@@ -195,6 +208,89 @@ def run_monai(slide_path: Path, out: Path, reader: str, level: int, tile: int, o
     return result
 
 
+SCALE_COLUMNS = [
+    Column("tissue", align="<"),
+    Column("slide px"),
+    Column("level px"),
+    Column("tiles"),
+    Column("wall s", float_format=".2f"),
+    Column("s/1k tiles", float_format=".2f"),
+    Column("start RSS MB", float_format=".0f"),
+    Column("peak RSS MB", float_format=".0f"),
+    Column("tile ratio", float_format=".2f"),
+    Column("time ratio", float_format=".2f"),
+    Column("time/tile", float_format=".2f"),
+]
+
+
+def _factors(sizes: int | str | tuple[int, ...]) -> list[int]:
+    """``--sizes`` (fire gives ``1,4,16`` as a tuple, ``4`` as an int) as area factors, each a perfect square."""
+    factors = [int(f) for f in (sizes.split(",") if isinstance(sizes, str) else np.atleast_1d(sizes))]
+    if not factors or any(f < 1 or round(f**0.5) ** 2 != f for f in factors):
+        raise SystemExit(f"--sizes: tissue area factors that are perfect squares (k x k mosaics), got {sizes}")
+    return factors
+
+
+def scaled_slide(cache: Path, size: int, factor: int, gen_workers: int = 2) -> Path:
+    """The benchmark slide (factor 1) or a k x k mosaic of it (factor k**2), generated once and cached."""
+    base = make_slide(cache / f"bench_{size}.tif", size, workers=gen_workers)
+    repeat = round(factor**0.5)
+    return base if repeat == 1 else make_mosaic(base, cache / f"bench_{repeat * size}_mosaic.tif", repeat=repeat)
+
+
+def measure_scaled(slide_path: Path, out: Path, num_workers: int, **common) -> dict:
+    """One row of the scaling table: ours with every output, inside its own peak-memory window (RSS; GPU too)."""
+    gc.collect()  # the previous row's objects go before the window opens
+    gpu = torch.device(common["device"]) if torch.device(common["device"]).type == "cuda" else None
+    rss_start = reset_peak(torch.device("cpu"))
+    gpu_start = reset_peak(gpu) if gpu else 0.0
+    result = run_ours(slide_path, out, num_workers=num_workers, outputs=SLIDE_OUTPUTS, **common)
+    result.update(start_rss_mb=rss_start, peak_rss_mb=rss_start + peak_since(torch.device("cpu"), rss_start))
+    if gpu:
+        result["peak_gpu_mb"] = gpu_start + peak_since(gpu, gpu_start)
+    return result
+
+
+def run_scaling(size: int, sizes: int | str | tuple[int, ...], cache: Path, common: dict, num_workers: int,
+                gen_workers: int = 2, warmup: bool = True, json_out: str | None = None) -> list[dict]:
+    """Print how wall time and peak memory grow with the tissue: one row per area factor, ratios to the first."""
+    factors = _factors(sizes)
+    slides = {f: scaled_slide(cache, size, f, gen_workers) for f in factors}  # generated before any timing
+    level = common["level"]
+    if warmup:  # the first forward passes and the torch.fx fold pay one-off costs the first row should not carry
+        run_ours(slides[factors[0]], cache / "out_scaling_warmup", num_workers=num_workers, outputs=SLIDE_OUTPUTS,
+                 **common)
+    rows = []
+    for factor in factors:
+        row = measure_scaled(slides[factor], cache / f"out_scaling_{factor}x", num_workers=num_workers, **common)
+        with open_slide(slides[factor]) as s:
+            row.update(factor=factor, slide_px=s.level_dimensions[0][0], level_px=s.level_dimensions[level][0])
+        rows.append(row)
+        print(f"{factor}x: {row['n_tiles']} tiles, wall {row['timings']['wall']:.1f} s", flush=True)
+    first = rows[0]
+    columns = SCALE_COLUMNS + ([Column("peak GPU MB", float_format=".0f")] if "peak_gpu_mb" in first else [])
+    table = []
+    for row in rows:
+        tiles, wall = row["n_tiles"] / first["n_tiles"], row["timings"]["wall"] / first["timings"]["wall"]
+        row.update(tile_ratio=tiles, time_ratio=wall, time_per_tile_ratio=wall / tiles)
+        table.append([f"{row['factor']}x", row["slide_px"], row["level_px"], row["n_tiles"], row["timings"]["wall"],
+                      1000 * row["timings"]["wall"] / row["n_tiles"], row["start_rss_mb"], row["peak_rss_mb"],
+                      tiles, wall, wall / tiles] + ([row["peak_gpu_mb"]] if "peak_gpu_mb" in row else []))
+    print(f"ours with every output, level {level}, {common['tile']} px tiles (overlap {common['overlap']}), DWS-MIL "
+          f"width {_width(common['width'], common['ckpt'])}, batch {common['batch_size']}, {common['threads']} torch "
+          f"threads, {num_workers} reader worker(s), device {common['device']}; larger slides are k x k mosaics of "
+          f"the {size} px one; ratios against the {factors[0]}x row")
+    print(format_table(columns, table, sep="  "))
+    last = rows[-1]
+    memory = last["peak_rss_mb"] / first["peak_rss_mb"]
+    if json_out:
+        Path(json_out).write_text(json.dumps({"size": size, **common, "num_workers": num_workers, "rows": rows},
+                                             indent=1))
+    print(f"scaling: time/tile {last['factor']}x vs {first['factor']}x = {last['time_per_tile_ratio']:.2f}, "
+          f"peak memory {last['factor']}x vs {first['factor']}x = {memory:.2f}")
+    return rows
+
+
 def _child(method: str, **kwargs) -> dict:
     """Run one method in a fresh process; returns its result and peak resident memory."""
     command = [sys.executable, __file__, "--method", method, *[f"--{k}={v}" for k, v in kwargs.items()]]
@@ -211,7 +307,8 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
           ckpt: str | None = None, method: str | None = None, slide: str | None = None,
           ours_tif: str | None = None, device: str = "cpu", amp: bool = True,
           methods: str | tuple[str, ...] = METHODS, gen_workers: int = 2, json_out: str | None = None,
-          generate_only: bool = False) -> None:
+          generate_only: bool = False, scaling: bool = False, sizes: int | str | tuple[int, ...] = (1, 4, 16),
+          warmup: bool = True) -> None:
     """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim) runs one method (internal use).
 
     ``ckpt``: a checkpoint (e.g. the README's trained ``bundle/models/model.pt``, with ``--level`` matching its
@@ -219,7 +316,9 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     records is benchmarked (``--width`` only for a plain state dict without a record). ``device``: where every
     method's network runs; ``amp``: float16 autocast on a GPU. ``methods``: the rows run (``ours`` first, and at
     least one MONAI row). ``gen_workers``: processes rendering the synthetic slide when it is not cached;
-    ``generate_only``: generate (or find) the cached slide and stop.
+    ``generate_only``: generate (or find) the cached slide and stop. ``scaling``: the scaling table instead (ours
+    with every output on ``sizes`` x the tissue, ``warmup``: an untimed run first); ``generate_only`` then generates
+    every slide of ``sizes``.
     """
     common = {"level": level, "tile": tile, "overlap": overlap, "batch_size": batch_size, "width": width,
               "threads": threads, "min_tissue": min_tissue, "ckpt": ckpt, "device": device, "amp": amp}
@@ -244,6 +343,13 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
                          f"got {methods}")
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
+    if scaling and generate_only:
+        for factor in _factors(sizes):
+            print(f"slide {scaled_slide(cache, size, factor, gen_workers)} ready")
+        return
+    if scaling:
+        run_scaling(size, sizes, cache, common, num_workers, gen_workers, warmup, json_out)
+        return
     started = time.perf_counter()
     slide_path = make_slide(cache / f"bench_{size}.tif", size, workers=gen_workers)
     generate_s = time.perf_counter() - started
