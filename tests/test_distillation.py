@@ -144,3 +144,17 @@ def test_trainer_refuses_misconfiguration():
             optimizer=torch.optim.SGD(teacher.parameters(), lr=0.1),
             loss_function=DistillationLoss(),
         )
+
+
+def test_mil_term_is_stage_one_loss_on_the_student():
+    # generalised mean, r = 4, of each map: (mean p^4)^(1/4); positive side [0.8, 0.2], fused [0.6, 0.4];
+    # negative side [0.1, 0.3], fused [0.2, 0.0] -> BCE against labels 1 and 0, mean over the four (image, map) scores
+    gm = [((0.8**4 + 0.2**4) / 2) ** 0.25, ((0.6**4 + 0.4**4) / 2) ** 0.25,
+          ((0.1**4 + 0.3**4) / 2) ** 0.25, ((0.2**4 + 1e-6**4) / 2) ** 0.25]
+    mil = (-math.log(gm[0]) - math.log(gm[1]) - math.log(1 - gm[2]) - math.log(1 - gm[3])) / 4
+    terms = DistillationLoss(lambda_wce=2.0, lambda_mil=3.0).components(STUDENT, TEACHER, LABEL)
+    assert terms["loss_mil"].item() == pytest.approx(mil, rel=1e-4)
+    assert terms[Keys.LOSS].item() == pytest.approx(KD + 2.0 * WCE + 3.0 * mil, rel=1e-4)
+    assert DistillationLoss().components(STUDENT, TEACHER, LABEL)["loss_mil"].item() == 0.0  # off by default
+    with pytest.raises(ValueError, match="lambda_mil"):
+        DistillationLoss(lambda_mil=-1.0)

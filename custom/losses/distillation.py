@@ -7,6 +7,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch.nn.modules.loss import _Loss
 
 from custom.losses.dice import soft_dice_loss
+from custom.losses.mil import MILPoolingLoss
 from custom.losses.weighted_ce import WeightedCELoss
 
 __all__ = ["DistillationLoss"]
@@ -16,7 +17,8 @@ TARGETS = ("fused", "side")
 
 class DistillationLoss(_Loss):
     """
-    ``loss = L_kd + lambda_wce * L_wce`` between a student's output and its teacher's (bundle/docs/method.md, stage 2).
+    ``loss = L_kd + lambda_wce * L_wce + lambda_mil * L_mil`` between a student's output and its teacher's
+    (bundle/docs/method.md, stage 2).
 
     - ``L_kd``: soft Dice (``soft_dice_loss``, per image and per map, smoothing 1 as in stage 1) between every
       student map (side maps and the fused map) and the teacher's target. ``target="fused"`` (the method): every
@@ -25,6 +27,10 @@ class DistillationLoss(_Loss):
       Positive images learn the teacher's map; negative images learn an all-zero mask whatever the teacher says,
       scored as in stage 1 on the inverted maps (``1 - p`` against all ones), since Dice to an empty mask is flat.
     - ``L_wce``: :class:`WeightedCELoss` between the student's fused map and the same (negatives: zero) target.
+    - ``L_mil`` (off by default, ``lambda_mil=0``): stage 1's own loss on the student, :class:`MILPoolingLoss`
+      (BCE of the generalised-mean score, r = 4, of every student map against the image label). The image label is
+      the one thing in stage 2 that is not the teacher's guess; on a negative image this term is as steep in the
+      largest false call as stage 1 was, where the inverted Dice grows only as about f / 2 for a false share f.
 
     Reduction: ``L_kd`` is the mean of the ``B x (S + 1)`` per-image Dice terms and ``L_wce`` the mean over images,
     so the loss does not depend on the batch size. The reference adds ``2 x B x WCE`` to the sum of those
@@ -38,6 +44,8 @@ class DistillationLoss(_Loss):
         wce_threshold: teacher probabilities at or above it are foreground for ``L_wce``.
         target: ``"fused"`` or ``"side"``, see above.
         smooth: Dice numerator and denominator smoothing.
+        lambda_mil: weight of ``L_mil``; 0 leaves the method as specified.
+        mil_r: generalised-mean exponent of ``L_mil`` (stage 1's ``r``).
     """
 
     def __init__(
@@ -47,10 +55,16 @@ class DistillationLoss(_Loss):
         wce_threshold: float = 0.5,
         target: str = "fused",
         smooth: float = 1.0,
+        lambda_mil: float = 0.0,
+        mil_r: float = 4.0,
     ) -> None:
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+        if lambda_mil < 0:
+            raise ValueError(f"lambda_mil must be >= 0, got {lambda_mil}.")
+        self.lambda_mil = lambda_mil
+        self.mil = MILPoolingLoss(r=mil_r)
         self.lambda_wce = lambda_wce
         self.use_wce = use_wce
         self.target = target
@@ -69,14 +83,17 @@ class DistillationLoss(_Loss):
             label: image-level labels (B,), 1 = tumour, 0 = none.
 
         Returns:
-            ``{"loss": total, "loss_kd": L_kd, "loss_wce": L_wce}``, scalars (the components are for logging).
+            ``{"loss": total, "loss_kd": L_kd, "loss_wce": L_wce, "loss_mil": L_mil}``, scalars (the components are
+            for logging; ``L_mil`` is 0 when ``lambda_mil`` is 0).
         """
         positive = self._positive_mask(label, student)
         target = self._dice_target(student, teacher.to(student.dtype)) * positive
         foreground = torch.where(positive, student, 1.0 - student)
         kd = soft_dice_loss(foreground, torch.where(positive, target, torch.ones_like(student)), self.smooth).mean()
         wce = self.wce(student[:, -1:], target[:, -1:]) if self.use_wce else kd.new_zeros(())
-        return {Keys.LOSS: kd + self.lambda_wce * wce, "loss_kd": kd, "loss_wce": wce}
+        mil = self.mil(student, label.to(student.device)) if self.lambda_mil > 0 else kd.new_zeros(())
+        total = kd + self.lambda_wce * wce + self.lambda_mil * mil
+        return {Keys.LOSS: total, "loss_kd": kd, "loss_wce": wce, "loss_mil": mil}
 
     def _dice_target(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """The teacher map each student channel learns, broadcast to the student's shape."""
