@@ -761,3 +761,61 @@ def test_a_checkpoint_that_records_its_network_is_served_without_overrides(tmp_p
     task = TumourSegmentation(ROOT / "bundle", ("inference.json",), tmp_path / "model.pt")
     assert task.network.definition == trained.definition and task.threshold == 0.4 and task.inferer.mpp == 1.0
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in task.network.state_dict().items())
+
+
+def test_corrections_are_cut_into_tiles_at_the_inference_level(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))
+    from lib.corrections import Correction, write_strong_datalist
+
+    pixels = _slide_pixels()[:512, 700:1212]
+    slide = write_pyramid(tmp_path / "s.tif", pixels, levels=2, tile=128)
+    box = (64, 32, 256, 256)  # QuPath's box on the slide; outlines in its pixels, a "Stroma" one inside the tumour
+    xml = _qupath_xml(box).replace(b'PartOfGroup="exclusion"', b'PartOfGroup="Stroma"')
+    (tmp_path / "s.xml").write_bytes(xml)
+    listing, count = write_strong_datalist([Correction("s", str(slide), str(tmp_path / "s.xml"))], tmp_path / "out",
+                                           64, lambda _: 1, 10**6)
+    rows = json.loads(listing.read_text())
+    assert count == len(rows) == 4  # 256 level-0 pixels are 128 at level 1: 2 x 2 tiles of 64
+    mosaic = np.zeros((128, 128), np.uint8)
+    for row in rows:
+        tile_r, tile_c = divmod(int(Path(row["image"]).stem.split("_")[1]), 2)  # tiles are numbered row-major
+        mosaic[tile_r * 64 : tile_r * 64 + 64, tile_c * 64 : tile_c * 64 + 64] = imread(listing.parent / row["mask"])
+        assert row["group"] == "s" and imread(listing.parent / row["image"]).shape == (64, 64, 3)
+    expected = np.zeros((128, 128), np.uint8)
+    expected[16:112, 16:112] = 1  # the tumour square 32..224 of the region, halved
+    expected[48:80, 48:80] = 0  # the stroma square 96..160, not tumour
+    assert (mosaic != expected).mean() < 0.02  # pixel centres on the outlines may fall either way
+    (tmp_path / "m.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="a mask of a whole slide is not read"):
+        write_strong_datalist([Correction("s", str(slide), str(tmp_path / "m.png"))], tmp_path / "o2", 64,
+                              lambda _: 1, 10**6)
+    imsave(tmp_path / "p.png", pixels[:100, :100], check_contrast=False)
+    imsave(tmp_path / "small.png", np.zeros((50, 50), np.uint8), check_contrast=False)
+    with pytest.raises(ValueError, match=r"mask .*small.png has size \(width, height\) \(50, 50\) but its image"):
+        write_strong_datalist([Correction("p", str(tmp_path / "p.png"), str(tmp_path / "small.png"))],
+                              tmp_path / "o3", 64, lambda _: 0, 10**6)
+    with pytest.raises(ValueError, match="no image of the studies folder has a final label"):
+        write_strong_datalist([], tmp_path / "o4", 64, lambda _: 0, 10**6)
+
+
+def test_new_weights_are_published_atomically_and_served_by_the_next_request(tmp_path, caplog):
+    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))
+    from lib.tumour_infer import TumourSegmentation
+    from lib.tumour_train import publish_checkpoint
+
+    served, new = tmp_path / "model.pt", tmp_path / "new.pt"
+    first, second = (DWSMIL(width=WIDTH) for _ in range(2))
+    torch.save(first.state_dict(), served)
+    torch.save(second.state_dict(), new)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".model.pt.{int(gone.stdout)}.tmp"  # left by a killed round
+    stale.write_bytes(b"half")
+    task = TumourSegmentation(ROOT / "bundle", ("inference.json", "cpu_inference.json"), served)
+    old = served.read_bytes()
+    assert publish_checkpoint(new, served) == tmp_path / "model.previous.pt"
+    assert (tmp_path / "model.previous.pt").read_bytes() == old and served.read_bytes() == new.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.previous.pt", "model.pt", "new.pt"]
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in task.network.state_dict().items())
+    served.write_bytes(b"not a checkpoint")  # a broken replacement: the loaded weights stay served
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in task.network.state_dict().items())
+    assert "cannot be loaded, the previous weights stay served" in caplog.text
