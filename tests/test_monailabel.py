@@ -111,7 +111,9 @@ class Server:
     """``monailabel start_server`` in a child process, with its log, stopped by ``stop`` (terminate, then kill)."""
 
     def __init__(self, tmp: Path, studies: Path, model: Path, weak_data: Path) -> None:
-        app = shutil.copytree(ROOT / "scripts" / "monailabel_app", tmp / "app")  # the server writes into its app dir
+        # the server writes into its app dir; what a server run in the checkout left there is not copied
+        app = shutil.copytree(ROOT / "scripts" / "monailabel_app", tmp / "app",
+                              ignore=shutil.ignore_patterns("train", "logs", "model", "bin", "__pycache__"))
         self.port, self.log = _free_port(), tmp / "server.log"
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
