@@ -16,7 +16,9 @@ Two kinds of request reach ``__call__``:
 * a whole plain image (PNG, JPEG), from ``POST /infer/{model}``: answered with a PNG mask, 1 = tumour, 0 = not.
 
 The network, and the threshold where the config leaves it unset, come from the checkpoint's record, as in the
-bundle's inference (``custom.checkpoints``); a region is inferred at the level the client asks for.
+bundle's inference (``custom.checkpoints``); a region is inferred at the level the client asks for. The weights file
+is watched: when ``/train`` replaced it, the next request is answered by the new weights (``TumourSegmentation.
+served``), and the entropy strategy infers whole images through ``predict_whole``.
 """
 
 from __future__ import annotations
