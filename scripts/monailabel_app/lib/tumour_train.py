@@ -41,7 +41,7 @@ from custom.checkpoints import build_network, load_weights, network_definition, 
 
 from .corrections import corrections, write_strong_datalist
 from .request_checks import MAX_REGION_PIXELS, check_train_params
-from .tumour_infer import TumourSegmentation, process_alive
+from .tumour_infer import TumourSegmentation, file_stamp, process_alive
 
 __all__ = ["DEFAULT_TRAIN_CONFIGS", "MONAI_LABEL_KEYS", "TumourTraining", "backup_path", "publish_checkpoint"]
 
@@ -133,6 +133,7 @@ class TumourTraining(TrainTask):
         self.infer, self.bundle_root = infer, Path(bundle_root).resolve()
         self.config_files = tuple(config_files)
         self.work_dir, self.dataset_dir, self.max_region_px = Path(work_dir).resolve(), dataset_dir, max_region_px
+        self._defaults: tuple[tuple[int, int, int], dict[str, Any]] | None = None
         missing = [name for name in self.config_files if not (self.bundle_root / "configs" / name).is_file()]
         if missing:
             raise FileNotFoundError(f"train_configs {missing} are not files of {self.bundle_root / 'configs'}")
@@ -144,7 +145,15 @@ class TumourTraining(TrainTask):
         return [os.fspath(self.bundle_root / "configs" / name) for name in self.config_files]
 
     def config(self) -> dict[str, Any]:
-        """The defaults of a round's knobs (what a request without parameters trains with)."""
+        """The defaults of a round's knobs (what a request without parameters trains with), read once per version of
+        the served weights (``/info/`` asks for them at every call, and reading a record loads the checkpoint)."""
+        stamp = file_stamp(self.infer.ckpt_path)
+        if self._defaults is None or self._defaults[0] != stamp:
+            self._defaults = stamp, self._read_defaults()
+        return dict(self._defaults[1])
+
+    def _read_defaults(self) -> dict[str, Any]:
+        """The merged configs' values of ``SHOWN_KNOBS``, ``image_size`` the served record's when it has one."""
         parser = ConfigParser()
         parser.read_config(self._config_paths())
         defaults = {knob: parser.get(knob) for knob in SHOWN_KNOBS}
