@@ -30,9 +30,13 @@ from skimage.io import imread, imsave
 
 pytest.importorskip("monailabel", reason="MONAI Label is not installed: run `bash scripts/install_monailabel.sh`")
 httpx = pytest.importorskip("httpx", reason="httpx comes with MONAI Label's dependencies")
+psutil = pytest.importorskip("psutil", reason="psutil comes with MONAI Label's dependencies")
 
 from pyramid_files import write_pyramid  # noqa: E402
 
+from custom.data.synthetic import SyntheticSpec, generate_dataset  # noqa: E402
+from custom.data.tissue import detect_tissue  # noqa: E402
+from custom.inference import PlainImage  # noqa: E402
 from custom.networks import DWSMIL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,16 +110,19 @@ def _free_port() -> int:
 class Server:
     """``monailabel start_server`` in a child process, with its log, stopped by ``stop`` (terminate, then kill)."""
 
-    def __init__(self, tmp: Path, studies: Path, model: Path) -> None:
-        app = shutil.copytree(ROOT / "scripts" / "monailabel_app", tmp / "app")  # the server writes into its app dir
+    def __init__(self, tmp: Path, studies: Path, model: Path, weak_data: Path) -> None:
+        # the server writes into its app dir; what a server run in the checkout left there is not copied
+        app = shutil.copytree(ROOT / "scripts" / "monailabel_app", tmp / "app",
+                              ignore=shutil.ignore_patterns("train", "logs", "model", "bin", "__pycache__"))
         self.port, self.log = _free_port(), tmp / "server.log"
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
             sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
             "--host", "127.0.0.1", "--port", str(self.port), "--conf", "models", "tumour",
             "--conf", "configs", "inference.json,cpu_inference.json", "--conf", "ckpt_path", str(model),
+            "--conf", "dataset_dir", str(weak_data),
         ]
-        env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(tmp / "sessions"), MONAI_LABEL_TASKS_TRAIN="false",
+        env = dict(os.environ, MONAI_LABEL_SESSION_PATH=str(tmp / "sessions"), MONAI_LABEL_TASKS_TRAIN="true",
                    OMP_NUM_THREADS="2")
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
@@ -172,8 +179,8 @@ def _tree(root: Path, skip: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Studies (one pyramidal slide, one PNG) amid decoy files, the probe model, and a running server; stopped even
-    on failure."""
+    """Studies (one pyramidal slide, one PNG) amid decoy files, the probe model, the weak-label data ``/train`` uses
+    (the bundle tests' tiny synthetic set), and a running server; stopped even on failure."""
     tmp = tmp_path_factory.mktemp("monailabel")
     root = tmp / "root"
     studies = root / "site" / "studies"
@@ -185,7 +192,10 @@ def setup(tmp_path_factory):
     (tmp / "outside.png").write_bytes((studies / "patch_b.png").read_bytes())
     network = _probe_network()
     torch.save(network.state_dict(), root / "model.pt")
-    server = Server(tmp, studies, root / "model.pt")
+    weak_data = tmp / "weak"
+    generate_dataset(weak_data, SyntheticSpec(n_slides=4, size=1024, patches_per_slide=8, patch_size=64,
+                                              test_fraction=0.5))
+    server = Server(tmp, studies, root / "model.pt", weak_data)
     try:
         info = server.wait_ready()
         yield {"server": server, "info": info, "network": network, "studies": studies, "tmp": tmp, "root": root}
@@ -347,6 +357,7 @@ def test_whole_slide_on_plain_2d_endpoint_is_refused(setup):
 
 
 NAME = "must be a plain name of the studies folder (no path)"
+JSON = {"content-type": "application/json"}
 
 
 def _hostile_requests(setup: dict) -> list[tuple[str, str, dict, int, str]]:
@@ -365,6 +376,9 @@ def _hostile_requests(setup: dict) -> list[tuple[str, str, dict, int, str]]:
 
     def infer(image="patch_b", params=None, **kw):
         return dict(params=params or ({"image": image} if image is not None else {}), **kw)
+
+    def train(params, **query):
+        return dict(json=params, params=query)
 
     return [
         ("PUT", "/datastore/", upload("../victim"), 400, f"'image' {NAME}: '../victim' holds a path separator"),
@@ -405,7 +419,25 @@ def _hostile_requests(setup: dict) -> list[tuple[str, str, dict, int, str]]:
         ("PUT", "/model/tumour", dict(files={"file": ("m.pt", b"not weights")}), 403, "does not replace the weights"),
         ("DELETE", "/model/tumour", {}, 403, "does not delete the weights"),
         ("PUT", "/session/", dict(files={"files": ("s.png", png)}), 403, "sessions are not used"),
-        ("POST", "/train/tumour", {}, 403, "does not train over HTTP"),
+        ("POST", "/train/tumour", train({"stage1_epochs": 10**6}), 400, "'stage1_epochs' must be an integer in [1,"),
+        ("POST", "/train/tumour", train({"stage2_epochs": 1.5}), 400, "'stage2_epochs' must be an integer"),
+        ("POST", "/train/tumour", train({"max_epochs": True}), 400, "'max_epochs' must be an integer"),
+        ("POST", "/train/tumour", train({"epochs": 1}), 400, "unknown train parameter(s) ['epochs']"),
+        ("POST", "/train/tumour", train({"gpus": "0"}), 400, "unknown train parameter(s) ['gpus']"),
+        ("POST", "/train/tumour", train({"learning_rate": 0}), 400, "'learning_rate' must be a number in (0.0, 1.0]"),
+        ("POST", "/train/tumour", train({"strong_weight": "1"}), 400, "'strong_weight' must be a number"),
+        ("POST", "/train/tumour", train({"image_size": 100}), 400, "multiple of 8"),
+        ("POST", "/train/tumour", train({"batch_size": 4, "train_batch_size": 8}), 400, "differ"),
+        ("POST", "/train/tumour", dict(content=b'{"learning_rate": NaN}', headers=JSON), 400, "NaN is not a JSON"),
+        ("POST", "/train/tumour", dict(json=[1]), 400, "'params' must be a JSON object"),
+        ("POST", "/train/tumour", train({}, run_sync="true"), 400, "'run_sync': training runs in the background"),
+        ("POST", "/train/other", train({}), 404, "no model 'other'"),
+        ("POST", "/train/", train({}), 400, "name the model to train"),
+        ("POST", "/train/tumour", train({"max_epochs": 1}), 409, "no image of the studies folder has a final label"),
+        ("POST", "/activelearning/entropy", dict(json={"image": "../victim"}), 400, f"'image' {NAME}"),
+        ("POST", "/activelearning/entropy", dict(json={"image": "victim"}), 404, "not an image of the studies"),
+        ("POST", "/activelearning/entropy", dict(json={"image": "slide_a", "patch_size": [8, 8]}), 400,
+         "'patch_size' must be at least 64"),
         ("POST", "/batch/infer/tumour", {}, 403, "batch inference is not served"),
         ("GET", "/proxy/dicom/x", {}, 404, "no DICOMweb server"),
         ("POST", "/activelearning/first", {}, 404, "no strategy 'first'"),
@@ -466,6 +498,202 @@ def test_hostile_requests_get_a_4xx_and_touch_nothing_outside_the_studies(setup)
         assert client.request("DELETE", "/datastore/image", params={"id": "added"}).status_code == 200
         assert not (studies / "added.png").exists()
     assert _tree(root, studies) == before
+
+
+AL_HW = (256, 256)  # one window of the inferer (tile_size 256): the server's map is one forward pass, rounded to 1/255
+
+
+def _probability(network: DWSMIL, pixels: np.ndarray) -> np.ndarray:
+    """The fused map of one forward pass, stored as the server stores it (``round(255 p)``)."""
+    with torch.no_grad():
+        return np.rint(255.0 * network(_normalise(pixels))[0, -1].numpy()).astype(np.uint8)
+
+
+def _entropy_over_tissue(network: DWSMIL, pixels: np.ndarray) -> float:
+    """Mean binary entropy (bits) of the stored map over the tissue the project's detection finds, by hand."""
+    p = _probability(network, pixels).astype(np.float64) / 255.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = np.nan_to_num(-(p * np.log2(p) + (1 - p) * np.log2(1 - p)))
+    tissue = detect_tissue(PlainImage("hand", pixels), level=0, min_area_um2=0.0, max_hole_um2=0.0,
+                           mpp_override=0.5).mask
+    return float(h[tissue].mean())
+
+
+def _unsure_colour(network: DWSMIL) -> tuple[int, int, int]:
+    """The blend of purple and white whose fused probability is nearest 0.5 (the probe is least sure of it)."""
+    blends = [tuple(int(round(a + t * (b - a))) for a, b in zip(PURPLE, WHITE)) for t in np.linspace(0, 1, 21)]
+
+    def distance(colour: tuple[int, ...]) -> float:
+        return abs(float(_probability(network, np.full((64, 64, 3), colour, np.uint8)).mean()) - 127.5)
+
+    return min(blends, key=distance)
+
+
+def _al_images(network: DWSMIL) -> dict[str, np.ndarray]:
+    """Three 256 x 256 images from sure to unsure: all purple, purple and glass halves (edges), the unsure colour."""
+    half = np.full((*AL_HW, 3), WHITE, np.uint8)
+    half[:, : AL_HW[1] // 2] = PURPLE
+    return {"al_sure": np.full((*AL_HW, 3), PURPLE, np.uint8), "al_edge": half,
+            "al_unsure": np.full((*AL_HW, 3), _unsure_colour(network), np.uint8)}
+
+
+def _put_png(client: httpx.Client, route: str, params: dict, key: str, pixels: np.ndarray, tmp: Path) -> None:
+    """Upload ``pixels`` as a PNG (an image or a label) and require a 200."""
+    path = tmp / f"upload_{params['image']}_{key}.png"
+    imsave(path, pixels, check_contrast=False)
+    response = client.put(route, params=params, files={key: (path.name, path.read_bytes())})
+    assert response.status_code == 200, response.text
+
+
+def test_entropy_proposes_the_unlabelled_image_the_model_is_least_sure_of(setup):
+    url, network, tmp = setup["server"].url, setup["network"], setup["tmp"]
+    images = _al_images(network)
+    by_hand = {name: _entropy_over_tissue(network, pixels) for name, pixels in images.items()}
+    assert by_hand["al_sure"] < by_hand["al_edge"] < by_hand["al_unsure"]
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for name, pixels in images.items():
+            _put_png(client, "/datastore/image", {"image": name}, "file", pixels, tmp)
+        first = client.post("/activelearning/entropy", json={})
+        assert first.status_code == 200, first.text
+        answer = first.json()
+        scores = dict(answer["ranking"])
+        assert set(scores) == {"al_sure", "al_edge", "al_unsure", "patch_b", "slide_a"}  # every unlabelled image
+        assert answer["id"] == "al_unsure" == max(scores, key=scores.get)
+        assert answer["computed"] == 5 and answer["cached"] == 0
+        for name, value in by_hand.items():
+            assert scores[name] == pytest.approx(value, abs=0.01), name
+        # labelled images are not proposed again; the other scores come from the cache
+        mask = np.ones(AL_HW, np.uint8)  # the pathologist's answer: all tumour
+        _put_png(client, "/datastore/label", {"image": "al_unsure", "tag": "final"}, "label", mask, tmp)
+        second = client.post("/activelearning/entropy", json={}).json()
+        assert "al_unsure" not in dict(second["ranking"]) and second["id"] != "al_unsure"
+        assert second["computed"] == 0 and second["cached"] == 4
+        # QuPath's Next Sample for the open slide: the most uncertain patch of it, from the cached map
+        patch = client.post("/activelearning/entropy", json={"image": "slide_a", "patch_size": [512, 512]}).json()
+        x, y, w, h = patch["bbox"]
+        assert patch["id"] == "slide_a" and patch["cached"] == 1
+        assert 0 <= x < SLIDE_HW[1] and 0 <= y < SLIDE_HW[0] and (w, h) == (512, 512)
+
+
+def _qupath_xml(box: tuple[int, int, int, int]) -> bytes:
+    """What QuPath's Submit Label sends for a selected region: outlines in the region's pixels, its box on the
+    slide in the ``Annotations`` element; a tumour square with a hole outlined as ``exclusion``."""
+    def polygon(name: str, x0: int, y0: int, x1: int, y1: int) -> str:
+        corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+        points = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(corners))
+        return f'<Annotation Name="{name}" Type="Polygon" PartOfGroup="{name}"><Coordinates>{points}</Coordinates>' \
+               "</Annotation>"
+
+    x, y, w, h = box
+    return (f'<?xml version="1.0"?><ASAP_Annotations><Annotations X="{x}" Y="{y}" W="{w}" H="{h}">'
+            f'{polygon("tumour", 32, 32, 224, 224)}{polygon("exclusion", 96, 96, 160, 160)}</Annotations>'
+            "<AnnotationGroups/></ASAP_Annotations>").encode()
+
+
+def _mask_answer(client: httpx.Client, tmp: Path) -> np.ndarray:
+    """The served mask of patch_b."""
+    response = client.post("/infer/tumour", params={"image": "patch_b", "output": "image"})
+    assert response.status_code == 200, response.text
+    path = tmp / "answer_patch_b.png"
+    path.write_bytes(response.content)
+    return imread(path)
+
+
+def _train_status(client: httpx.Client, running: bool = False) -> dict | None:
+    """MONAI Label's last train task (``running``: the running one, None when none runs)."""
+    response = client.get("/train/", params={"check_if_running": running})
+    assert response.status_code in (200, 404), response.text
+    return response.json() if response.status_code == 200 else None
+
+
+def _wait_train(client: httpx.Client, timeout_s: float, until_running: bool = False) -> dict:
+    """Poll ``/train/`` until a round runs (``until_running``) or the last one ended."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        task = _train_status(client, running=until_running)
+        if task and (until_running or task["status"] in ("DONE", "ERROR", "STOPPED")):
+            return task
+        time.sleep(0.5)
+    pytest.fail(f"training did not {'start' if until_running else 'end'} in {timeout_s} s: {_train_status(client)}")
+
+
+TINY_ROUND = {"stage1_epochs": 1, "stage2_epochs": 1, "image_size": 64, "batch_size": 8}
+"""One round at the bundle tests' tiny configuration (the served network's width: the probe's 0.25)."""
+
+
+def test_corrections_train_a_model_that_is_served_at_once(setup):
+    url, tmp, root = setup["server"].url, setup["tmp"], setup["root"]
+    served, backup = root / "model.pt", root / "model.previous.pt"
+    old_weights = served.read_bytes()
+    with httpx.Client(base_url=url, timeout=300) as client:
+        before = _mask_answer(client, tmp)
+        _put_png(client, "/datastore/label", {"image": "patch_b", "tag": "final"}, "label", 1 - before, tmp)
+        box = (300, 0, 256, 256)  # QuPath's Submit Label of a region: its pixels as an image, then its outlines
+        pixels = tifffile.imread(setup["studies"] / "slide_a.tif", key=0)[: box[3], box[0] : box[0] + box[2]]
+        patch = f"slide_a-patch-{box[0]}_{box[1]}_{box[2]}_{box[3]}"
+        _put_png(client, "/datastore/image", {"image": patch}, "file", pixels, tmp)
+        saved = client.put("/datastore/label", params={"image": patch, "tag": "final"},
+                           files={"label": ("qupath.xml", _qupath_xml(box))})
+        assert saved.status_code == 200, saved.text
+        start = time.monotonic()
+        started = client.post("/train/tumour", json=TINY_ROUND)
+        assert started.status_code == 200, started.text
+        _wait_train(client, 60, until_running=True)
+        during = client.post("/infer/tumour", params={"image": "patch_b", "output": "image"})
+        assert during.status_code == 200, during.text
+        assert _train_status(client, running=True) is not None, "the answer must come while the round runs"
+        assert client.post("/train/tumour", json=TINY_ROUND).status_code == 429  # one round at a time
+        task = _wait_train(client, 300)
+        elapsed = time.monotonic() - start
+        assert task["status"] == "DONE", "\n".join(task.get("details", []))
+        # the served file was replaced in one step, the previous weights kept, nothing half-written left behind
+        assert backup.read_bytes() == old_weights and served.read_bytes() != old_weights
+        assert not [p.name for p in root.iterdir() if p.name.endswith(".tmp")]
+        new = torch.load(served, map_location="cpu", weights_only=True)
+        assert new["record"]["image_size"] == 64 and new["record"]["network_def"]["width"] == WIDTH
+        objects = client.get("/datastore/", params={"output": "all"}).json()["objects"]
+        labelled = [i for i, obj in objects.items() if obj["labels"].get("final")]
+        stats = client.get("/info/").json()["train_stats"]["tumour"]
+        print(f"\none /train round at the tiny configuration: {elapsed:.1f} s from POST /train/tumour to status DONE, "
+              f"{stats['seconds']:.1f} s of it in the round (the rest: MONAI Label starting its training process)")
+        assert stats["strong_tiles"] == 16 * len(labelled) and stats["backup"] == str(backup)  # 256 px: 4 x 4 tiles
+        after = _mask_answer(client, tmp)
+        assert after.shape == before.shape and not np.array_equal(after, before)
+        proposal = client.post("/activelearning/entropy", json={}).json()
+        assert proposal["computed"] == len(objects) - len(labelled) and proposal["cached"] == 0  # new weights
+
+
+def test_a_stopped_round_leaves_the_served_model(setup):
+    url, root = setup["server"].url, setup["root"]
+    served = root / "model.pt"
+    weights = served.read_bytes()
+    with httpx.Client(base_url=url, timeout=120) as client:
+        started = client.post("/train/tumour", json=dict(TINY_ROUND, stage1_epochs=500))
+        assert started.status_code == 200, started.text
+        running = _wait_train(client, 60, until_running=True)
+        time.sleep(3)  # into the round: its process has loaded the app and begun
+        stopped = client.delete("/train/")
+        assert stopped.status_code == 200 and stopped.json()["status"] == "STOPPED", stopped.text
+        assert _train_status(client)["id"] == running["id"] and _train_status(client, running=True) is None
+    deadline = time.monotonic() + 15
+    while _training_processes(setup["server"].process.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _training_processes(setup["server"].process.pid), "the stopped round's process still runs"
+    assert served.read_bytes() == weights
+
+
+def _training_processes(server_pid: int) -> list[int]:
+    """Processes of MONAI Label's training task under the server that still run (a killed one not yet reaped, a
+    zombie, runs nothing)."""
+    running = []
+    for child in psutil.Process(server_pid).children(recursive=True):
+        try:
+            command = " ".join(child.cmdline()) if child.status() != psutil.STATUS_ZOMBIE else ""
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if "monailabel.interfaces.utils.app" in command:
+            running.append(child.pid)
+    return running
 
 
 def test_server_stops_and_exits(setup):
@@ -554,3 +782,61 @@ def test_a_checkpoint_that_records_its_network_is_served_without_overrides(tmp_p
     task = TumourSegmentation(ROOT / "bundle", ("inference.json",), tmp_path / "model.pt")
     assert task.network.definition == trained.definition and task.threshold == 0.4 and task.inferer.mpp == 1.0
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in task.network.state_dict().items())
+
+
+def test_corrections_are_cut_into_tiles_at_the_inference_level(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))
+    from lib.corrections import Correction, write_strong_datalist
+
+    pixels = _slide_pixels()[:512, 700:1212]
+    slide = write_pyramid(tmp_path / "s.tif", pixels, levels=2, tile=128)
+    box = (64, 32, 256, 256)  # QuPath's box on the slide; outlines in its pixels, a "Stroma" one inside the tumour
+    xml = _qupath_xml(box).replace(b'PartOfGroup="exclusion"', b'PartOfGroup="Stroma"')
+    (tmp_path / "s.xml").write_bytes(xml)
+    listing, count = write_strong_datalist([Correction("s", str(slide), str(tmp_path / "s.xml"))], tmp_path / "out",
+                                           64, lambda _: 1, 10**6)
+    rows = json.loads(listing.read_text())
+    assert count == len(rows) == 4  # 256 level-0 pixels are 128 at level 1: 2 x 2 tiles of 64
+    mosaic = np.zeros((128, 128), np.uint8)
+    for row in rows:
+        tile_r, tile_c = divmod(int(Path(row["image"]).stem.split("_")[1]), 2)  # tiles are numbered row-major
+        mosaic[tile_r * 64 : tile_r * 64 + 64, tile_c * 64 : tile_c * 64 + 64] = imread(listing.parent / row["mask"])
+        assert row["group"] == "s" and imread(listing.parent / row["image"]).shape == (64, 64, 3)
+    expected = np.zeros((128, 128), np.uint8)
+    expected[16:112, 16:112] = 1  # the tumour square 32..224 of the region, halved
+    expected[48:80, 48:80] = 0  # the stroma square 96..160, not tumour
+    assert (mosaic != expected).mean() < 0.02  # pixel centres on the outlines may fall either way
+    (tmp_path / "m.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="a mask of a whole slide is not read"):
+        write_strong_datalist([Correction("s", str(slide), str(tmp_path / "m.png"))], tmp_path / "o2", 64,
+                              lambda _: 1, 10**6)
+    imsave(tmp_path / "p.png", pixels[:100, :100], check_contrast=False)
+    imsave(tmp_path / "small.png", np.zeros((50, 50), np.uint8), check_contrast=False)
+    with pytest.raises(ValueError, match=r"mask .*small.png has size \(width, height\) \(50, 50\) but its image"):
+        write_strong_datalist([Correction("p", str(tmp_path / "p.png"), str(tmp_path / "small.png"))],
+                              tmp_path / "o3", 64, lambda _: 0, 10**6)
+    with pytest.raises(ValueError, match="no image of the studies folder has a final label"):
+        write_strong_datalist([], tmp_path / "o4", 64, lambda _: 0, 10**6)
+
+
+def test_new_weights_are_published_atomically_and_served_by_the_next_request(tmp_path, caplog):
+    sys.path.insert(0, str(ROOT / "scripts" / "monailabel_app"))
+    from lib.tumour_infer import TumourSegmentation
+    from lib.tumour_train import publish_checkpoint
+
+    served, new = tmp_path / "model.pt", tmp_path / "new.pt"
+    first, second = (DWSMIL(width=WIDTH) for _ in range(2))
+    torch.save(first.state_dict(), served)
+    torch.save(second.state_dict(), new)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".model.pt.{int(gone.stdout)}.tmp"  # left by a killed round
+    stale.write_bytes(b"half")
+    task = TumourSegmentation(ROOT / "bundle", ("inference.json", "cpu_inference.json"), served)
+    old = served.read_bytes()
+    assert publish_checkpoint(new, served) == tmp_path / "model.previous.pt"
+    assert (tmp_path / "model.previous.pt").read_bytes() == old and served.read_bytes() == new.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.previous.pt", "model.pt", "new.pt"]
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in task.network.state_dict().items())
+    served.write_bytes(b"not a checkpoint")  # a broken replacement: the loaded weights stay served
+    assert all(torch.equal(v, second.state_dict()[k]) for k, v in task.network.state_dict().items())
+    assert "cannot be loaded, the previous weights stay served" in caplog.text

@@ -14,6 +14,15 @@ Start it (see ``bundle/docs/monailabel.md``)::
   checkpoint that records none, saved before bundle 0.5.0).
 * ``ckpt_path``: the weights; default the config's ``ckpt_path`` (``bundle/models/model.pt``).
 * ``max_region_px``: the largest region a request may ask for, in pixels at its level.
+* ``train_configs``: comma-separated config files of ``bundle/configs`` that ``/train`` merges in order; default
+  ``train.json,cpu_train.json``.
+* ``dataset_dir``: the weak-label data ``/train`` trains on beside the corrections (``train.json``'s ``dataset_dir``);
+  default the config's (the bundle's sample data).
+
+``POST /train/tumour`` fine-tunes the served model from the corrections saved with ``PUT /datastore/label`` and the
+weak-label data, in MONAI Label's background training process, then replaces the served weights (``lib.tumour_train``;
+the inference task serves them from its next request). ``POST /activelearning/entropy`` proposes the unlabelled image
+the served model is least sure of (``lib.entropy``).
 
 Every request is checked first: its fields and ids before MONAI Label's route runs (``lib.guard``), every datastore
 operation again by the datastore (``lib.datastore``: ids and tags are plain names, so nothing outside the studies
@@ -30,10 +39,13 @@ from pathlib import Path
 
 from fastapi import HTTPException
 from lib import (
+    DEFAULT_TRAIN_CONFIGS,
     MAX_REGION_PIXELS,
+    EntropyStrategy,
     Region,
     StudiesDatastore,
     TumourSegmentation,
+    TumourTraining,
     check_region,
     install_guard,
     studies_image,
@@ -42,6 +54,8 @@ from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 
 import custom
 from custom.data.slide import PLAIN_SUFFIXES, SlideReadError, open_slide
@@ -53,14 +67,17 @@ DEFAULT_BUNDLE = Path(custom.__file__).resolve().parents[1] / "bundle"
 
 
 class TumourSegmentationApp(MONAILabelApp):
-    """One bundle model, served for whole-slide regions (``/infer/wsi_v2``) and plain images (``/infer``)."""
+    """One bundle model, served for whole-slide regions (``/infer/wsi_v2``) and plain images (``/infer``), trained
+    from the pathologist's corrections (``/train``), with an entropy strategy (``/activelearning/entropy``)."""
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         self.model_name = conf.get("models", "tumour")
         self.max_region_px = int(conf.get("max_region_px", MAX_REGION_PIXELS))
+        self.bundle = Path(conf.get("bundle", DEFAULT_BUNDLE))
         super().__init__(app_dir, studies, conf, name="wsl-histo-seg",
                          description="Weakly supervised tumour segmentation of H&E slides (MONAI bundle)")
-        if not install_guard({"model": self._infers, "strategy": self._strategies}):
+        tasks = {"model": self._infers, "strategy": self._strategies}
+        if not install_guard(tasks, trainers=self._trainers, train_check=self._check_train):
             logger.info("no MONAI Label server in this process: requests are checked by the app and datastore only")
 
     def init_datastore(self) -> Datastore:
@@ -73,11 +90,26 @@ class TumourSegmentationApp(MONAILabelApp):
 
     def init_infers(self) -> dict[str, InferTask]:
         """The bundle's model under the configured name."""
-        bundle = Path(self.conf.get("bundle", DEFAULT_BUNDLE))
-        configs = [name.strip() for name in self.conf.get("configs", "inference.json").split(",")]
-        task = TumourSegmentation(bundle, configs, self.conf.get("ckpt_path"))
-        logger.info("serving %s from %s (%s) on %s", self.model_name, bundle, ", ".join(configs), task.device)
+        configs = _names(self.conf.get("configs", "inference.json"))
+        task = TumourSegmentation(self.bundle, configs, self.conf.get("ckpt_path"))
+        logger.info("serving %s from %s (%s) on %s", self.model_name, self.bundle, ", ".join(configs), task.device)
         return {self.model_name: task}
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        """Fine-tuning of the served model from the corrections, with the bundle's training config."""
+        configs = _names(self.conf.get("train_configs", ",".join(DEFAULT_TRAIN_CONFIGS)))
+        trainer = TumourTraining(self._infers[self.model_name], self.bundle, configs, Path(self.app_dir) / "train",
+                                 self.conf.get("dataset_dir"), self.max_region_px)
+        return {self.model_name: trainer}
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        """MONAI Label's ``random``, and ``entropy``: where the served model is least sure."""
+        return super().init_strategies() | {"entropy": EntropyStrategy(self._infers[self.model_name],
+                                                                       self.max_region_px)}
+
+    def _check_train(self, model: str, params: dict) -> None:
+        """Refuse (409) a training with no correction to learn from, before MONAI Label starts its process."""
+        self._trainers[model].check_ready(self.datastore())
 
     def info(self) -> dict:
         """MONAI Label's app info, marked as a pathology app for QuPath's extension."""
@@ -118,6 +150,11 @@ class TumourSegmentationApp(MONAILabelApp):
         except (SlideReadError, ValueError, OSError) as err:
             raise HTTPException(400, f"{Path(path).name} cannot be read: {err}") from err
         return check_region(request, list(dimensions), list(downsamples), self.max_region_px)
+
+
+def _names(text: str) -> list[str]:
+    """Comma-separated config file names as a list."""
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 @functools.lru_cache(maxsize=64)

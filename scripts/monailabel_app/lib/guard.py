@@ -5,11 +5,15 @@ outside the studies folder.
 MONAI Label's routes parse some fields themselves and crash on bad ones (``json.loads`` of ``wsi``, ``params`` and
 ``info``; pydantic on floats, NaN or ``1e308`` in ``wsi``; a null byte in a path): a 500 that says nothing. Some
 routes reach past the studies folder whatever the ids (``PUT``/``DELETE /model/{model}`` replace or move the served
-weights, ``/session`` stores uploads in the session folder) or start tasks the app does not have (``/train``,
-``/scoring``, ``/batch``): they are refused (``REFUSED``). Every route except ``/``, ``/static`` and ``/auth``
-depends on MONAI Label's ``get_current_user`` (through its RBAC checks), so ``install`` overrides that dependency
-(FastAPI's ``dependency_overrides``, read at every request) with ``checked_user``: MONAI Label's authentication,
-then ``check_request``. The datastore applies the same name rules again (``StudiesDatastore``).
+weights, ``/session`` stores uploads in the session folder) or start tasks the app does not have (``/scoring``,
+``/batch``): they are refused (``REFUSED``). A training request (``POST /train/{model}``) must name a model the app
+trains, run in the background (``run_sync`` would block the server for the whole training) and carry only known,
+bounded parameters (``check_train_params``); the app can then refuse it too (no corrections to learn from).
+
+Every route except ``/``, ``/static`` and ``/auth`` depends on MONAI Label's ``get_current_user`` (through its RBAC
+checks), so ``install`` overrides that dependency (FastAPI's ``dependency_overrides``, read at every request) with
+``checked_user``: MONAI Label's authentication, then ``check_request``. The datastore applies the same name rules
+again (``StudiesDatastore``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -26,9 +30,10 @@ from monailabel.config import settings
 from monailabel.endpoints.user.auth import User, get_current_user, oauth2_scheme
 from starlette.datastructures import FormData, UploadFile
 
-from .request_checks import check_name, name_problem
+from .request_checks import check_name, check_train_params, name_problem
 
-__all__ = ["ID_QUERY_KEYS", "JSON_FORM_KEYS", "check_request", "check_wsi", "install", "json_object"]
+__all__ = ["ID_QUERY_KEYS", "JSON_FORM_KEYS", "TrainCheck", "check_request", "check_train", "check_wsi", "install",
+           "json_object"]
 
 ID_QUERY_KEYS = ("image", "id", "label", "tag")
 """Query parameters that MONAI Label joins to the studies folder (image and label ids, label tags)."""
@@ -42,7 +47,6 @@ REFUSED = (
     ("PUT", "/model/", 403, "this server does not replace the weights it serves: retrain, then restart it"),
     ("DELETE", "/model/", 403, "this server does not delete the weights it serves"),
     ("*", "/session/", 403, "sessions are not used by this app: ask for an image of the studies folder by its id"),
-    ("POST", "/train/", 403, "this app does not train over HTTP: train with bundle/configs/train.json"),
     ("POST", "/scoring/", 403, "this app has no scoring methods"),
     ("POST", "/batch/infer/", 403, "batch inference is not served (MONAI Label's fails on a CPU): run the bundle's "
                                    "inference on the studies folder instead (bundle/configs/inference.json)"),
@@ -50,6 +54,10 @@ REFUSED = (
 )
 """(method, route prefix, status, reason) of the routes this app does not serve: they write or remove files outside
 the studies folder (weights, sessions), start processes for tasks the app does not have, or fail with a 500."""
+FALSE_WORDS = ("", "false", "0", "off", "no", "f", "n")
+"""Query values FastAPI reads as a false bool."""
+TrainCheck = Callable[[str, dict], None]
+"""The app's own check of a train request (model, checked parameters): raises an ``HTTPException`` to refuse it."""
 
 
 def _finite(text: str) -> float:
@@ -134,13 +142,41 @@ def _check_route(method: str, path: str, params: Mapping[str, Any], tasks: Mappi
             raise HTTPException(404, f"no {key} {params[key]!r}; this server has {sorted(names)}")
 
 
-async def check_request(request: Request, tasks: Mapping[str, Collection[str]]) -> None:
+async def check_train(request: Request, trainers: Collection[str], app_check: TrainCheck | None = None) -> None:
+    """A ``POST /train/...`` the app can run in the background with checked parameters, or a 4xx saying why."""
+    if _route_path(request) != "/train/{model}":
+        raise HTTPException(400, f"name the model to train: POST /train/<model>, one of {sorted(trainers)}")
+    model = request.path_params.get("model")
+    if model not in trainers:
+        reason = f"this server trains {sorted(trainers)}" if trainers else \
+            "this server does not train (it was started with MONAI_LABEL_TASKS_TRAIN=false)"
+        raise HTTPException(404, f"no trainer for model {model!r}: {reason}")
+    if request.query_params.get("run_sync", "false").lower() not in FALSE_WORDS:
+        raise HTTPException(400, "'run_sync': training runs in the background (it would stop the server from "
+                                 "answering until it ends); follow it with GET /train/")
+    body = await request.body()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "'params': the body must be a UTF-8 JSON object") from None
+    params = check_train_params(json_object(text, "params") if text.strip() else {})
+    if app_check is not None:
+        app_check(model, params)
+
+
+async def check_request(
+    request: Request, tasks: Mapping[str, Collection[str]], trainers: Collection[str] = (),
+    train_check: TrainCheck | None = None,
+) -> None:
     """Refuse, with a 4xx that says why, what MONAI Label would answer with a 500 or let reach outside the studies.
 
-    ``tasks`` maps route parameters to the names the app serves, e.g. ``{"model": {"tumour"}}``.
+    ``tasks`` maps route parameters to the names the app serves, e.g. ``{"model": {"tumour"}}``; ``trainers`` are
+    the models it trains and ``train_check`` its own check of a train request (see ``check_train``).
     """
     path, method, query = _route_path(request), request.method, request.query_params
     _check_route(method, path, request.path_params, tasks)
+    if method == "POST" and path.startswith("/train/"):
+        await check_train(request, trainers, train_check)
     for key in ID_QUERY_KEYS:
         if key in query and (query[key] or key != "image"):
             check_name(query[key], key)
@@ -162,21 +198,25 @@ async def check_request(request: Request, tasks: Mapping[str, Collection[str]]) 
         raise HTTPException(400, "'image' is required: the id of an image of the studies folder")
 
 
-def install(tasks: Mapping[str, Collection[str]]) -> bool:
-    """Check every request of the running MONAI Label server (``monailabel.app``) against the app's ``tasks`` (see
-    ``check_request``); False when there is none (the app was built by a script or a test, not by the server)."""
+def install(
+    tasks: Mapping[str, Collection[str]], trainers: Collection[str] = (), train_check: TrainCheck | None = None
+) -> bool:
+    """Check every request of the running MONAI Label server (``monailabel.app``) against the app's ``tasks``,
+    ``trainers`` and ``train_check`` (see ``check_request``); False when there is none (the app was built by a
+    script, a test or MONAI Label's training process, not by the server)."""
     server = sys.modules.get("monailabel.app")
     api: FastAPI | None = getattr(server, "app", None)
     if api is None:
         return False
     names = {key: frozenset(values) for key, values in tasks.items()}
+    trained = frozenset(trainers)
 
     async def checked_user(
         request: Request, token: str = Depends(oauth2_scheme) if settings.MONAI_LABEL_AUTH_ENABLE else ""
     ) -> User:
         """MONAI Label's user of the request (its own authentication first), once the request passed the checks."""
         user = await get_current_user(token)
-        await check_request(request, names)
+        await check_request(request, names, trained, train_check)
         return user
 
     api.dependency_overrides[get_current_user] = checked_user

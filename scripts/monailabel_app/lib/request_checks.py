@@ -22,8 +22,9 @@ from typing import Any
 from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 
-__all__ = ["MAX_NAME_CHARS", "MAX_REGION_PIXELS", "MAX_TILES", "MIN_TILE", "Region", "StudiesFile", "check_name",
-           "name_problem", "studies_image", "check_region"]
+__all__ = ["MAX_EPOCHS", "MAX_NAME_CHARS", "MAX_REGION_PIXELS", "MAX_TILES", "MIN_TILE", "TRAIN_KEYS", "Region",
+           "StudiesFile", "check_name", "check_pair", "check_region", "check_train_params", "name_problem",
+           "studies_image"]
 
 MAX_NAME_CHARS = 200
 """Longest id or tag (a file or folder name of at most 255 bytes once MONAI Label adds the extension)."""
@@ -34,6 +35,19 @@ MAX_TILES = 64
 """Most tiles one region may be split into (``tile_size`` far below ``size`` would queue thousands)."""
 MIN_TILE = 64
 """Smallest accepted ``tile_size`` side."""
+MAX_EPOCHS = 500
+"""Most epochs of a training stage one ``/train`` request may ask for (``train.json``'s stage 2 on a GPU)."""
+TRAIN_INTS = {
+    "stage1_epochs": (1, MAX_EPOCHS), "stage2_epochs": (1, MAX_EPOCHS), "max_epochs": (1, MAX_EPOCHS),
+    "batch_size": (1, 256), "train_batch_size": (1, 256), "val_batch_size": (1, 256), "image_size": (32, 1024),
+    "seed": (0, 2**31 - 1),
+}
+"""Integer train parameters and their bounds (``max_epochs``, ``train_batch_size`` and ``val_batch_size`` are the
+names QuPath's Run Training sends)."""
+TRAIN_FLOATS = {"learning_rate": (0.0, 1.0), "strong_weight": (0.0, 100.0)}
+"""Real-valued train parameters and their bounds (``learning_rate`` must be above its lower bound)."""
+TRAIN_KEYS = frozenset(TRAIN_INTS) | frozenset(TRAIN_FLOATS)
+"""Every key a ``/train`` request may hold."""
 
 
 def name_problem(value: str) -> str:
@@ -83,7 +97,51 @@ def studies_image(datastore: Datastore, image: Any) -> StudiesFile:
     return StudiesFile(datastore.get_image_uri(image))
 
 
-def _pair(request: dict, key: str) -> tuple[int, int]:
+def _train_number(key: str, value: Any) -> int | float:
+    """One checked train parameter, or a 400 naming it and its bounds."""
+    if key in TRAIN_INTS:
+        low, high = TRAIN_INTS[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise HTTPException(400, f"'{key}' must be an integer in [{low}, {high}], got {value!r}")
+        if key == "image_size" and value % 8:
+            raise HTTPException(400, f"'image_size' must be a multiple of 8 (the network pools 3 times), got {value}")
+        return value
+    low, high = TRAIN_FLOATS[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HTTPException(400, f"'{key}' must be a number in [{low}, {high}], got {value!r}")
+    if not low <= value <= high or (key == "learning_rate" and value == low):
+        bounds = f"({low}, {high}]" if key == "learning_rate" else f"[{low}, {high}]"
+        raise HTTPException(400, f"'{key}' must be a number in {bounds}, got {value!r}")
+    return float(value)
+
+
+def check_train_params(params: Any) -> dict[str, int | float]:
+    """The bundle overrides a ``/train`` request asks for (``train.json`` knob names), or a 400 naming the bad key.
+
+    Only ``TRAIN_KEYS`` are accepted, each bounded. QuPath's names are mapped: ``max_epochs`` sets both stages (unless
+    a stage is named too), ``train_batch_size`` is ``batch_size``; ``val_batch_size`` is accepted and not used (the
+    bundle validates with ``batch_size``).
+    """
+    if not isinstance(params, dict):
+        raise HTTPException(400, f"train parameters must be a JSON object, got {type(params).__name__}")
+    unknown = sorted(str(key) for key in params if key not in TRAIN_KEYS)
+    if unknown:
+        raise HTTPException(400, f"unknown train parameter(s) {unknown}; known: {sorted(TRAIN_KEYS)}")
+    checked = {key: _train_number(key, value) for key, value in params.items()}
+    batch = {checked[k] for k in ("batch_size", "train_batch_size") if k in checked}
+    if len(batch) > 1:
+        raise HTTPException(400, f"'batch_size' and 'train_batch_size' differ ({sorted(batch)}): give one")
+    epochs = checked.pop("max_epochs", None)
+    if epochs is not None:
+        checked.setdefault("stage1_epochs", epochs)
+        checked.setdefault("stage2_epochs", epochs)
+    if "train_batch_size" in checked:
+        checked["batch_size"] = checked.pop("train_batch_size")
+    checked.pop("val_batch_size", None)
+    return checked
+
+
+def check_pair(request: dict, key: str) -> tuple[int, int]:
     """Two integers from ``request[key]``, or a 400 naming the key."""
     value = request.get(key)
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
@@ -122,9 +180,9 @@ def check_region(
     level = request.get("level", 0)
     if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < len(level_dimensions):
         raise HTTPException(400, f"'level' must be an integer in [0, {len(level_dimensions) - 1}], got {level!r}")
-    (x, y), (width, height) = _pair(request, "location"), _pair(request, "size")
+    (x, y), (width, height) = check_pair(request, "location"), check_pair(request, "size")
     tiled = "tile_size" in request  # a client's split of the region; one region (a tile of it) has none
-    tile_w, tile_h = _pair(request, "tile_size") if tiled else (width, height)
+    tile_w, tile_h = check_pair(request, "tile_size") if tiled else (width, height)
     level0_w, level0_h = level_dimensions[0]
     if not (0 <= x < level0_w and 0 <= y < level0_h):
         raise HTTPException(400, f"'location' {(x, y)} must lie on the slide, level 0 is {level0_w} x {level0_h}")
