@@ -6,6 +6,8 @@ a run or network id those files define, and overrides of ids they define."""
 from __future__ import annotations
 
 import ast
+import configparser
+import json
 import re
 import shlex
 from pathlib import Path
@@ -189,3 +191,11 @@ def test_every_bundle_command_names_what_exists(command):
     parser.read_config([str(ROOT / name) for name in files])
     assert target in parser, f"{target!r} is not an id of {files}"
     assert not (unknown := [k for k in options if k not in BUNDLE_OPTIONS and k not in parser]), unknown
+
+
+def test_the_package_version_is_the_bundle_version():
+    """setup.cfg's version follows metadata.json's (which every checkpoint records as its bundle_version)."""
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert setup["metadata"]["version"] == meta["version"] and meta["version"] in meta["changelog"]
