@@ -16,6 +16,7 @@ COMBINATIONS = [
     ("train.json",),
     ("train.json", "cpu_train.json"),
     ("train.json", "supervised.json"),
+    ("train.json", "cpu_train.json", "supervised.json"),
     ("train.json", "cpu_train.json", "slides.json"),
     ("train.json", "slides.json", "cpu_train.json"),
     ("train.json", "cpu_train.json", "slides.json", "slide_mil.json"),
