@@ -47,6 +47,7 @@ __all__ = [
     "build_network",
     "definition_differences",
     "init_networks",
+    "init_student",
     "load_problem",
     "load_weights",
     "network_definition",
@@ -340,6 +341,22 @@ def init_networks(networks: Sequence[torch.nn.Module], path: str | os.PathLike |
     for network in networks:
         load_weights(network, path, config_key="init_path")
     logger.info(f"{len(networks)} network(s) start from the weights of {os.fspath(path)} (init_path)")
+
+
+STUDENT_INITS = ("scratch", "teacher")
+
+
+def init_student(student: torch.nn.Module, teacher_path: str | os.PathLike, student_init: str) -> None:
+    """Where the first student starts (``student_init``): its own initialisation (``"scratch"``, the method) or the
+    best stage-1 teacher's weights (``"teacher"``), so a short stage 2 refines the teacher instead of re-learning it.
+
+    A resumed stage 2 then replaces these weights with its checkpoint's; role swaps are unaffected.
+    """
+    if student_init not in STUDENT_INITS:
+        raise ValueError(f"student_init must be one of {STUDENT_INITS}, got {student_init!r}.")
+    if student_init == "teacher":
+        load_weights(student, teacher_path, "teacher")
+        logger.info(f"the student starts from the stage-1 teacher's weights ({os.fspath(teacher_path)}; student_init)")
 
 
 def _advice_without_record(

@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "side_targets": ([], {"distill_target": "side", "cache_pseudo_labels": False}),
     "lambda_1": ([], {"lambda_wce": 1.0}),
     "mil_term": ([], {"lambda_mil": 1.0}),
+    "student_from_teacher": ([], {"student_init": "teacher"}),
     "wce_threshold_0.3": ([], {"wce_threshold": 0.3}),
     "supervised_upper_bound": (["supervised.json"], {}),
     "masks_5pct": ([], {"strong_fraction": 0.05}),

@@ -21,6 +21,7 @@ from test_bundle_training import CONFIGS, ROOT, TINY, run_bundle, tiny_data  # n
 from custom.checkpoints import (
     RECORD_KEY,
     TrainingRecord,
+    init_student,
     load_weights,
     network_definition,
     read_record,
@@ -236,3 +237,16 @@ def test_readme_rows_in_order_without_architecture_overrides(trained, tiny_data)
     assert difference.max() <= 1 and np.count_nonzero(difference) <= 1e-3 * difference.size
     summary = json.loads((trained / "ts" / "slide_000" / "slide_000_summary.json").read_text())
     assert summary["output_mpp"] == pytest.approx(1.0) and summary["threshold"] == 0.4
+
+
+def test_the_student_starts_from_scratch_or_from_the_teacher(tmp_path):
+    teacher, student = DWSMIL(width=0.125), DWSMIL(width=0.125)
+    path = tmp_path / "teacher_best.pt"
+    torch.save({"teacher": teacher.state_dict()}, path)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    init_student(student, path, "scratch")
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    init_student(student, path, "teacher")
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in student.state_dict().items())
+    with pytest.raises(ValueError, match="student_init"):
+        init_student(student, path, "imagenet")
