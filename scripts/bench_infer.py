@@ -137,11 +137,14 @@ def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: flo
 
 def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, batch_size: int, num_workers: int,
              width: float, threads: int, min_tissue: float, ckpt: str | None = None,
-             outputs: tuple[str, ...] = ("prob",), device: str = "cpu", amp: bool = True) -> dict:
-    """This project's engine writing ``outputs`` (of ``SLIDE_OUTPUTS``); returns the stage timings."""
+             outputs: tuple[str, ...] = ("prob",), device: str = "cpu", amp: bool = True,
+             runtime: str = "auto", heap_reuse: bool = True) -> dict:
+    """This project's engine writing ``outputs`` (of ``SLIDE_OUTPUTS``), its network run as ``runtime``; returns the
+    stage timings. The wall starts before the network is prepared, so a ``compile`` pays its compile in it."""
     network = _network(width, threads, ckpt, device)
     inferer = WholeSlideInferer(tile, overlap, level=level, batch_size=batch_size, num_workers=num_workers,
-                                min_tissue=min_tissue, blend_mode="constant", progress=False, amp=amp)
+                                min_tissue=min_tissue, blend_mode="constant", progress=False, amp=amp,
+                                runtime=runtime, heap_reuse=heap_reuse)
     start = time.perf_counter()
     slide = open_slide(slide_path)
     out.mkdir(parents=True, exist_ok=True)
