@@ -58,6 +58,7 @@ from custom.data.he_renderer import make_layout, render_tile, tissue_fraction
 from custom.data.slide import open_slide
 from custom.data.tiff import read_tiff_region
 from custom.data.tissue import detect_tissue
+from custom.inference.heap import heap_reuse
 from custom.inference.outputs import SLIDE_OUTPUTS, write_slide_outputs
 from custom.inference.streaming import PyramidStreamer
 from custom.inference.wsi import WholeSlideInferer
@@ -138,19 +139,21 @@ def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: flo
 def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, batch_size: int, num_workers: int,
              width: float, threads: int, min_tissue: float, ckpt: str | None = None,
              outputs: tuple[str, ...] = ("prob",), device: str = "cpu", amp: bool = True,
-             runtime: str = "auto", heap_reuse: bool = True) -> dict:
+             runtime: str = "auto", heap_reuse_on: bool = True) -> dict:
     """This project's engine writing ``outputs`` (of ``SLIDE_OUTPUTS``), its network run as ``runtime``; returns the
     stage timings. The wall starts before the network is prepared, so a ``compile`` pays its compile in it."""
     network = _network(width, threads, ckpt, device)
     inferer = WholeSlideInferer(tile, overlap, level=level, batch_size=batch_size, num_workers=num_workers,
                                 min_tissue=min_tissue, blend_mode="constant", progress=False, amp=amp,
-                                runtime=runtime, heap_reuse=heap_reuse)
+                                runtime=runtime, heap_reuse=heap_reuse_on)
     start = time.perf_counter()
     slide = open_slide(slide_path)
     out.mkdir(parents=True, exist_ok=True)
     streamer = PyramidStreamer(out, "slide", outputs=outputs)
-    prediction = inferer(slide, network, out / "prob.raw", normalise, on_start=streamer.start)
-    summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0, pyramids=streamer, outputs=outputs)
+    with heap_reuse(heap_reuse_on):  # as SlideInferenceRunner.infer_item: over the slide and its outputs
+        prediction = inferer(slide, network, out / "prob.raw", normalise, on_start=streamer.start)
+        summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0, pyramids=streamer,
+                                      outputs=outputs)
     timings = dict(summary["timings_s"], wall=time.perf_counter() - start)
     return {"timings": timings, "n_tiles": prediction.n_tiles, "prob_tif": str(out / "slide" / "slide_prob.tif")}
 

@@ -7,10 +7,10 @@ and unmaps it on release (smaller ones return to the OS when the heap top is tri
 zeroes every page of every such map again at each layer of each batch. On the 2-core CPU of the benchmarks that was
 more than half of the network's time (``bench_infer.py``; bundle/docs/README.md). While :func:`heap_reuse` is active
 glibc takes every block from the heap (``M_MMAP_MAX`` 0) and keeps freed memory there (``M_TRIM_THRESHOLD`` 1 GiB),
-so the next batch reuses pages already mapped. On leaving, glibc's default limits are set again and the retained
-memory is handed back (``malloc_trim``); the dynamic mmap threshold glibc starts with stays off from then on (glibc
-turns it off at any ``mallopt``), so later blocks of 128 KiB or more are mapped, as with ``MALLOC_MMAP_THRESHOLD_``
-set to the default. Elsewhere than glibc (macOS, musl) it does nothing.
+so the next batch reuses pages already mapped. On leaving, the retained memory is handed back (``malloc_trim``) and
+glibc is left where its own dynamic threshold goes after large blocks have been freed (the dynamic adjustment itself
+cannot be turned back on once ``mallopt`` is called): blocks under 32 MiB from the heap, more than 64 MiB free at its
+top returned to the OS, larger blocks mapped. Elsewhere than glibc (macOS, musl) it does nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ __all__ = ["heap_reuse", "glibc"]
 logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's malloc.h
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 128 * 1024, 65536
+# what glibc's dynamic threshold reaches after freeing large blocks (DEFAULT_MMAP_THRESHOLD_MAX on 64 bits, trim at
+# twice the mmap threshold), and its default count of mapped blocks
+AFTER_MMAP_THRESHOLD, AFTER_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 32 * 1024 * 1024, 64 * 1024 * 1024, 65536
 KEEP_BYTES = 1 << 30
 
 _lock = threading.Lock()
@@ -69,6 +71,6 @@ def heap_reuse(enabled: bool = True) -> Iterator[bool]:
             _active -= 1
             if _active == 0:
                 libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD)
-                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                libc.mallopt(M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD)
+                libc.mallopt(M_TRIM_THRESHOLD, AFTER_TRIM_THRESHOLD)
                 libc.malloc_trim(0)
