@@ -5,9 +5,13 @@ All methods run the same randomly initialised DWS-MIL on the same device over th
 project's tile grid through ``filter_fn``, as a careful user would) with uniform blending (MONAI's ``AvgMerger``),
 so they produce the same probability map; the max absolute difference over the tiles is printed. Like with like, every
 method ends with that map on disk as the same tiled pyramidal TIFF (MONAI's merged array is written with the project's
-``write_pyramid``, as its user would write it once inference returns). This project's engine folds BatchNorm into the
-convolutions and runs channels-last (the same function, ``inference_network``), reads tiles in a worker process and
-streams the pyramid while the network runs; MONAI runs the plain network, as its users would. A second row of ours
+``write_pyramid``, as its user would write it once inference returns). This project's engine runs its network as
+``--runtime`` says (inference.json's ``runtime``, default ``auto``: BatchNorm folded, conv+ReLU as one oneDNN call,
+only the fused channel computed; ``custom.inference.runtime``) with freed memory kept in the heap (``--heap_reuse``),
+reads tiles in a worker process and streams the pyramid while the network runs; MONAI runs the plain network, as its
+users would. Every row's wall starts before the network is prepared: ``--runtime compile`` pays its compile there
+(at the first batch, in each fresh process; with inductor's on-disk cache warm after the first run), and no method
+gets an untimed warm-up. A second row of ours
 writes every output (mask pyramid, GeoJSON, ASAP XML, overlay) as the inference config does by default. Each method
 runs in its own process so its peak resident memory is its own. The synthetic slide is generated once and cached; its
 level size is ``tile + k * (tile - overlap)`` so MONAI's zero padding and the project's white padding never differ.
@@ -58,6 +62,7 @@ from custom.data.he_renderer import make_layout, render_tile, tissue_fraction
 from custom.data.slide import open_slide
 from custom.data.tiff import read_tiff_region
 from custom.data.tissue import detect_tissue
+from custom.inference.heap import heap_reuse as keep_heap
 from custom.inference.outputs import SLIDE_OUTPUTS, write_slide_outputs
 from custom.inference.streaming import PyramidStreamer
 from custom.inference.wsi import WholeSlideInferer
@@ -137,17 +142,22 @@ def _grid(slide_path: Path, level: int, tile: int, overlap: int, min_tissue: flo
 
 def run_ours(slide_path: Path, out: Path, level: int, tile: int, overlap: int, batch_size: int, num_workers: int,
              width: float, threads: int, min_tissue: float, ckpt: str | None = None,
-             outputs: tuple[str, ...] = ("prob",), device: str = "cpu", amp: bool = True) -> dict:
-    """This project's engine writing ``outputs`` (of ``SLIDE_OUTPUTS``); returns the stage timings."""
+             outputs: tuple[str, ...] = ("prob",), device: str = "cpu", amp: bool = True,
+             runtime: str = "auto", heap_reuse: bool = True) -> dict:
+    """This project's engine writing ``outputs`` (of ``SLIDE_OUTPUTS``), its network run as ``runtime``; returns the
+    stage timings. The wall starts before the network is prepared, so a ``compile`` pays its compile in it."""
     network = _network(width, threads, ckpt, device)
     inferer = WholeSlideInferer(tile, overlap, level=level, batch_size=batch_size, num_workers=num_workers,
-                                min_tissue=min_tissue, blend_mode="constant", progress=False, amp=amp)
+                                min_tissue=min_tissue, blend_mode="constant", progress=False, amp=amp,
+                                runtime=runtime, heap_reuse=heap_reuse)
     start = time.perf_counter()
     slide = open_slide(slide_path)
     out.mkdir(parents=True, exist_ok=True)
     streamer = PyramidStreamer(out, "slide", outputs=outputs)
-    prediction = inferer(slide, network, out / "prob.raw", normalise, on_start=streamer.start)
-    summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0, pyramids=streamer, outputs=outputs)
+    with keep_heap(heap_reuse):  # as SlideInferenceRunner.infer_item: over the slide and its outputs
+        prediction = inferer(slide, network, out / "prob.raw", normalise, on_start=streamer.start)
+        summary = write_slide_outputs(prediction, out, "slide", min_area_um2=2000.0, pyramids=streamer,
+                                      outputs=outputs)
     timings = dict(summary["timings_s"], wall=time.perf_counter() - start)
     return {"timings": timings, "n_tiles": prediction.n_tiles, "prob_tif": str(out / "slide" / "slide_prob.tif")}
 
@@ -238,13 +248,13 @@ def scaled_slide(cache: Path, size: int, factor: int, gen_workers: int = 2) -> P
     return base if repeat == 1 else make_mosaic(base, cache / f"bench_{repeat * size}_mosaic.tif", repeat=repeat)
 
 
-def measure_scaled(slide_path: Path, out: Path, num_workers: int, **common) -> dict:
+def measure_scaled(slide_path: Path, out: Path, num_workers: int, ours_opts: dict | None = None, **common) -> dict:
     """One row of the scaling table: ours with every output, inside its own peak-memory window (RSS; GPU too)."""
     gc.collect()  # the previous row's objects go before the window opens
     gpu = torch.device(common["device"]) if torch.device(common["device"]).type == "cuda" else None
     rss_start = reset_peak(torch.device("cpu"))
     gpu_start = reset_peak(gpu) if gpu else 0.0
-    result = run_ours(slide_path, out, num_workers=num_workers, outputs=SLIDE_OUTPUTS, **common)
+    result = run_ours(slide_path, out, num_workers=num_workers, outputs=SLIDE_OUTPUTS, **(ours_opts or {}), **common)
     result.update(start_rss_mb=rss_start, peak_rss_mb=rss_start + peak_since(torch.device("cpu"), rss_start))
     if gpu:
         result["peak_gpu_mb"] = gpu_start + peak_since(gpu, gpu_start)
@@ -252,17 +262,19 @@ def measure_scaled(slide_path: Path, out: Path, num_workers: int, **common) -> d
 
 
 def run_scaling(size: int, sizes: int | str | tuple[int, ...], cache: Path, common: dict, num_workers: int,
-                gen_workers: int = 2, warmup: bool = True, json_out: str | None = None) -> list[dict]:
+                gen_workers: int = 2, warmup: bool = True, json_out: str | None = None,
+                ours_opts: dict | None = None) -> list[dict]:
     """Print how wall time and peak memory grow with the tissue: one row per area factor, ratios to the first."""
     factors = _factors(sizes)
     slides = {f: scaled_slide(cache, size, f, gen_workers) for f in factors}  # generated before any timing
     level = common["level"]
     if warmup:  # the first forward passes and the torch.fx fold pay one-off costs the first row should not carry
         run_ours(slides[factors[0]], cache / "out_scaling_warmup", num_workers=num_workers, outputs=SLIDE_OUTPUTS,
-                 **common)
+                 **(ours_opts or {}), **common)
     rows = []
     for factor in factors:
-        row = measure_scaled(slides[factor], cache / f"out_scaling_{factor}x", num_workers=num_workers, **common)
+        row = measure_scaled(slides[factor], cache / f"out_scaling_{factor}x", num_workers=num_workers,
+                             ours_opts=ours_opts, **common)
         with open_slide(slides[factor]) as s:
             row.update(factor=factor, slide_px=s.level_dimensions[0][0], level_px=s.level_dimensions[level][0])
         rows.append(row)
@@ -308,7 +320,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
           ours_tif: str | None = None, device: str = "cpu", amp: bool = True,
           methods: str | tuple[str, ...] = METHODS, gen_workers: int = 2, json_out: str | None = None,
           generate_only: bool = False, scaling: bool = False, sizes: int | str | tuple[int, ...] = (1, 4, 16),
-          warmup: bool = True) -> None:
+          warmup: bool = True, runtime: str = "auto", heap_reuse: bool = True) -> None:
     """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim) runs one method (internal use).
 
     ``ckpt``: a checkpoint (e.g. the README's trained ``bundle/models/model.pt``, with ``--level`` matching its
@@ -318,16 +330,18 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     least one MONAI row). ``gen_workers``: processes rendering the synthetic slide when it is not cached;
     ``generate_only``: generate (or find) the cached slide and stop. ``scaling``: the scaling table instead (ours
     with every output on ``sizes`` x the tissue, ``warmup``: an untimed run first); ``generate_only`` then generates
-    every slide of ``sizes``.
+    every slide of ``sizes``. ``runtime`` / ``heap_reuse``: this engine's network runtime and heap reuse
+    (inference.json's knobs of those names).
     """
     common = {"level": level, "tile": tile, "overlap": overlap, "batch_size": batch_size, "width": width,
               "threads": threads, "min_tissue": min_tissue, "ckpt": ckpt, "device": device, "amp": amp}
+    ours_opts = {"runtime": runtime, "heap_reuse": heap_reuse}  # this engine's knobs (inference.json's defaults)
     if method is not None:
         path = Path(slide)
         out = Path(cache_dir) / f"out_{path.stem}_{method}"
         if method in ("ours", "ours_all"):
             outputs = SLIDE_OUTPUTS if method == "ours_all" else ("prob",)
-            result = run_ours(path, out, num_workers=num_workers, outputs=outputs, **common)
+            result = run_ours(path, out, num_workers=num_workers, outputs=outputs, **ours_opts, **common)
         else:
             out.mkdir(parents=True, exist_ok=True)
             reader = {"openslide": "OpenSlide", "cucim": "cuCIM"}[method]
@@ -348,7 +362,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
             print(f"slide {scaled_slide(cache, size, factor, gen_workers)} ready")
         return
     if scaling:
-        run_scaling(size, sizes, cache, common, num_workers, gen_workers, warmup, json_out)
+        run_scaling(size, sizes, cache, common, num_workers, gen_workers, warmup, json_out, ours_opts)
         return
     started = time.perf_counter()
     slide_path = make_slide(cache / f"bench_{size}.tif", size, workers=gen_workers)
@@ -358,7 +372,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
         return
     with open_slide(slide_path) as s:
         level_w, level_h = s.level_dimensions[level]
-    ours = _child("ours", slide=slide_path, cache_dir=cache, num_workers=num_workers, **common)
+    ours = _child("ours", slide=slide_path, cache_dir=cache, num_workers=num_workers, **ours_opts, **common)
     rows = {"ours": ours}
     for reader in ("openslide", "cucim"):
         if reader in methods:
@@ -366,7 +380,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
                                              **common)
     if "ours_all" in methods:
         rows["ours_all_outputs"] = _child("ours_all", slide=slide_path, cache_dir=cache, num_workers=num_workers,
-                                          **common)
+                                          **ours_opts, **common)
     tissue_mp = ours["n_tiles"] * (tile - overlap) ** 2 / 1e6  # tissue area the tiles stand for, level pixels
     amp_on = amp and torch.device(device).type == "cuda"
     print(f"slide {size} px, level {level} ({level_w}x{level_h}), {ours['n_tiles']} tissue tiles of {tile} "
@@ -374,10 +388,12 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
           f"{num_workers} reader worker(s); weights {ckpt or 'random (seed 0)'}; device {device}"
           + (", AMP (float16 autocast)" if amp_on else ""))
     print("Every row ends with the probability map as the same LZW pyramidal TIFF on disk.\n"
-          "ours: BatchNorm folded into the convs (torch.fx) + channels-last, inference_mode, tiles read in a worker "
-          "process, the pyramid written by a background thread as rows finish; 'write' is what is left after the "
-          "network.\nMONAI: the plain network under inference_mode, the same batch size and torch threads, "
-          "PatchInferer reading in the main process (it has no reader workers); 'write' = its map to the TIFF."
+          f"ours: network runtime '{runtime}' (auto: BatchNorm folded, oneDNN conv+ReLU, only the fused channel), "
+          f"heap reuse {'on' if heap_reuse else 'off'}, inference_mode, tiles read in a worker process, the pyramid "
+          "written by a background thread as rows finish; 'write' is what is left after the network; the wall "
+          "includes preparing (compiling) the network.\nMONAI: the plain network under inference_mode, the same "
+          "batch size and torch threads, PatchInferer reading in the main process (it has no reader workers); "
+          "'write' = its map to the TIFF."
           + ("\nours_all_outputs: also the mask pyramid, GeoJSON, ASAP XML and overlay (the inference config's "
              "default)." if "ours_all_outputs" in rows else ""))
     stages = ("tissue", "read", "preprocess", "wait", "model", "stitch", "write", "wall")
@@ -391,9 +407,10 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
               f"{row['peak_rss_mb']:>9.0f}{diff:>9}")
     if memory_check:  # peak RSS swings by up to 300 MB between identical runs (heap reuse): medians of five runs each
         mosaic = make_mosaic(slide_path, cache / f"bench_{2 * size}_mosaic.tif")
-        small = [ours] + [_child("ours", slide=slide_path, cache_dir=cache, num_workers=num_workers, **common)
-                          for _ in range(4)]
-        big = [_child("ours", slide=mosaic, cache_dir=cache, num_workers=num_workers, **common) for _ in range(5)]
+        small = [ours] + [_child("ours", slide=slide_path, cache_dir=cache, num_workers=num_workers, **ours_opts,
+                                 **common) for _ in range(4)]
+        big = [_child("ours", slide=mosaic, cache_dir=cache, num_workers=num_workers, **ours_opts, **common)
+               for _ in range(5)]
         small_mb, big_mb = ([r["peak_rss_mb"] for r in runs] for runs in (small, big))
         ratio = float(np.median(big_mb) / np.median(small_mb))
         print(f"peak RSS ours (5 runs each): {size} px {[round(m) for m in small_mb]} MB, 4x slide ({2 * size} px, "
@@ -411,7 +428,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     if json_out:
         record = {"size": size, "level": level, "level_wh": [level_w, level_h], "tile": tile, "overlap": overlap,
                   "batch_size": batch_size, "num_workers": num_workers, "width": _width(width, ckpt),
-                  "threads": threads, "device": device, "amp": amp_on, "generate_s": generate_s,
+                  "threads": threads, "device": device, "amp": amp_on, "generate_s": generate_s, **ours_opts,
                   "n_tiles": ours["n_tiles"], "tissue_mp": tissue_mp,
                   "speedup_vs_monai": fastest / ours["timings"]["wall"],
                   "rows": {name: dict(row, tissue_mp_s=tissue_mp / row["timings"]["wall"],

@@ -167,7 +167,7 @@ def test_scratch_of_a_killed_run_is_removed_and_a_failed_slide_leaves_nothing(tm
     (folder / "s_summary.json").write_text("{}")  # from an earlier run; re-inferred with overwrite
     (folder / "keep.txt").write_text("the user's")
     inferer = WholeSlideInferer(tile_size=64, overlap=0, level=0, batch_size=2, num_workers=0, progress=False,
-                                optimise=False)
+                                runtime="eager")
     runner = SlideInferenceRunner(_Failing(DWSMIL(width=0.125), 3), inferer, slide, tmp_path / "out",
                                   overwrite=True, raise_on_failure=False)
     report = runner.run()

@@ -25,6 +25,7 @@ import torch
 from custom.checkpoints import load_weights
 from custom.data.datalist import load_slide_datalist
 from custom.data.slide import BACKENDS, PLAIN_SUFFIXES, SLIDE_SUFFIXES, open_slide
+from custom.inference.heap import heap_reuse
 from custom.inference.outputs import (
     SLIDE_OUTPUTS,
     check_outputs,
@@ -166,7 +167,13 @@ class SlideInferenceRunner:
 
     def infer_item(self, item: dict) -> dict:
         """Infer one slide or image and write its outputs; the scratch raster is removed afterwards, and what a killed
-        run of the same item left is removed first."""
+        run of the same item left is removed first. With the inferer's ``heap_reuse``, freed memory stays in the heap
+        for the outputs too (``custom.inference.heap``)."""
+        with heap_reuse(getattr(self.inferer, "heap_reuse", False)):
+            return self._infer_item(item)
+
+    def _infer_item(self, item: dict) -> dict:
+        """:meth:`infer_item` itself."""
         folder = self.output_dir / item["name"]
         folder.mkdir(parents=True, exist_ok=True)
         remove_scratch(folder, item["name"])

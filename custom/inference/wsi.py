@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.fx.experimental.optimization import fuse
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from custom.data.grid import TileGrid, make_tile_grid
 from custom.data.slide import Slide, level0_mpp, mpp_or_assumed, select_level
 from custom.data.tissue import TissueMask, detect_tissue
+from custom.inference.heap import heap_reuse
+from custom.inference.runtime import RUNTIMES, fold_network, network_versions, prepare_network
 from custom.inference.stitch import StripMerger, importance_map
 
 __all__ = ["STAGES", "SlidePrediction", "TileDataset", "WholeSlideInferer", "inference_network"]
@@ -71,17 +72,12 @@ def inference_network(network: torch.nn.Module) -> torch.nn.Module:
     """The same function, faster to evaluate: BatchNorm folded into the conv before it, weights channels-last.
 
     Works on a copy (``torch.fx`` fusion) of the network put in eval mode, whose weights stay untouched; a
-    TorchScript module or one that ``torch.fx`` cannot trace is returned as it is (correct, only not sped up).
+    TorchScript module or one that ``torch.fx`` cannot trace is returned as it is (correct, only not sped up). The
+    engine itself runs :func:`custom.inference.runtime.prepare_network` (this, and more, per ``runtime``).
     """
-    network.eval()
     if isinstance(network, torch.jit.ScriptModule):
-        return network
-    try:
-        fused = fuse(network)
-    except (torch.fx.proxy.TraceError, TypeError, NotImplementedError) as err:
-        logging.getLogger(__name__).info("network left unfused (torch.fx cannot trace it): %s", err)
-        return network
-    return fused.to(memory_format=torch.channels_last)
+        return network.eval()
+    return fold_network(network)
 
 
 @dataclass
@@ -118,8 +114,12 @@ class WholeSlideInferer:
         mpp_override: level-0 microns per pixel for slides without (or with wrong) metadata.
         mpp_tolerance: accepted relative difference when selecting a level by ``mpp``.
         progress: show a tqdm bar per slide (tiles/s and ETA).
-        optimise: run :func:`inference_network` (BatchNorm folded, channels-last): the same map up to float
-            rounding, in about two thirds of the network time on a CPU.
+        runtime: how the network is evaluated (``custom.inference.runtime``): ``"auto"`` (oneDNN conv+ReLU on a
+            CPU, else ``"fused"``), ``"onednn"``, ``"fused"`` (BatchNorm folded, channels-last, only the kept
+            channel computed), ``"compile"`` (``torch.compile``, falling back to ``"onednn"``/``"fused"`` when it
+            fails) or ``"eager"`` (the network as given). All give the same map up to float rounding.
+        heap_reuse: keep freed memory in the process heap while the tiles run (``custom.inference.heap``: glibc
+            only), so the network's activations are not page-faulted in again at every layer of every batch.
         trained_mpp: microns per pixel the network was trained at (its checkpoint's record); a slide inferred at
             a resolution more than ``mpp_tolerance`` away from it is warned about, naming both.
     """
@@ -140,14 +140,19 @@ class WholeSlideInferer:
         mpp_override: float | None = None,
         mpp_tolerance: float = 0.1,
         progress: bool = True,
-        optimise: bool = True,
+        runtime: str = "auto",
+        heap_reuse: bool = True,
         trained_mpp: float | None = None,
     ) -> None:
         if level is None and mpp is None:
             level = 0
         self.tile_size, self.overlap, self.level, self.mpp = tile_size, overlap, level, mpp
         self.batch_size, self.num_workers, self.amp = batch_size, num_workers, amp
-        self.min_tissue, self.channel, self.progress, self.optimise = min_tissue, channel, progress, optimise
+        self.min_tissue, self.channel, self.progress = min_tissue, channel, progress
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES} (config key 'runtime'), got {runtime!r}")
+        self.runtime, self.heap_reuse = runtime, heap_reuse
+        self._prepared: tuple | None = None  # (network, its weight versions, callable, memory format), kept per network
         self.tissue_kwargs = dict(tissue_kwargs or {})
         self.mpp_override, self.mpp_tolerance = mpp_override, mpp_tolerance
         self.trained_mpp = trained_mpp
@@ -199,7 +204,8 @@ class WholeSlideInferer:
         if on_start is not None:
             on_start(merger, mpp_or_assumed(mpp) * grid.downsample)
         try:
-            self._run_tiles(TileDataset(slide, grid, preprocessing), network, merger, timings)
+            with heap_reuse(self.heap_reuse):
+                self._run_tiles(TileDataset(slide, grid, preprocessing), network, merger, timings)
         finally:
             merger.close()
         timings["wall"] = time.perf_counter() - start
@@ -221,6 +227,16 @@ class WholeSlideInferer:
             prefetch_factor=4 if workers else None,
         )
 
+    def prepared_network(self, network: torch.nn.Module, device: torch.device) -> tuple[Callable, torch.memory_format]:
+        """``network`` made ready to run as ``runtime`` says (``prepare_network``): kept from one slide to the next
+        while it is the same network with the same weights (a compiled network compiles once), redone otherwise."""
+        network.eval()
+        versions = network_versions(network)
+        cached = self._prepared
+        if cached is None or cached[0] is not network or cached[1] != versions:
+            self._prepared = (network, versions, *prepare_network(network, self.runtime, self.channel, device))
+        return self._prepared[2], self._prepared[3]
+
     def _run_tiles(self, tiles: TileDataset, network: torch.nn.Module, merger: StripMerger, timings: dict) -> None:
         """Run the network on every tile batch and blend the chosen output channel into ``merger``."""
         device = next(network.parameters()).device
@@ -228,8 +244,7 @@ class WholeSlideInferer:
         ds, grid = tiles.grid.downsample, tiles.grid
         bar = tqdm(total=len(tiles), desc=Path(grid.slide).name, unit="tile", disable=not self.progress, leave=False)
         batches = iter(self._loader(tiles, device))
-        network = inference_network(network) if self.optimise else network.eval()
-        memory_format = torch.channels_last if self.optimise else torch.contiguous_format
+        run_network, memory_format = self.prepared_network(network, device)
         with torch.inference_mode(), bar:
             while True:
                 waited = time.perf_counter()
@@ -242,7 +257,7 @@ class WholeSlideInferer:
                 timings["preprocess"] += float(batch["preprocess_s"].sum())
                 with autocast:
                     images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
-                    output = network(images)[:, self.channel]
+                    output = run_network(images)
                 probabilities = output.float().cpu().numpy()
                 ran = time.perf_counter()
                 timings["model"] += ran - began

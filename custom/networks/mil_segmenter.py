@@ -57,3 +57,35 @@ class MILSegmenter(nn.Module):
         sides = torch.sigmoid(torch.cat(logits, dim=1))
         fused = (sides * self.fusion_weights.to(sides.dtype)).sum(dim=1, keepdim=True)
         return torch.cat([sides, fused], dim=1)
+
+    def channel_map(
+        self, x: torch.Tensor, channel: int = -1, blocks: Sequence[nn.Module] | None = None
+    ) -> torch.Tensor:
+        """Output channel ``channel`` of :meth:`forward` as ``(B, H, W)``, computing only what it needs.
+
+        A side map runs the blocks up to its own; the fused map accumulates ``w_i * sigmoid(up(logit_i))`` one side
+        at a time, without stacking the side maps or concatenating the output (the upsampling stays per side map:
+        the sigmoid comes after it, so it cannot move after the fusion). Equal to ``forward(x)[:, channel]`` up to
+        float rounding. ``blocks``: replacements of ``self.blocks`` computing the same functions (e.g. with
+        BatchNorm folded, as ``custom.inference.runtime`` builds them).
+        """
+        blocks = self.blocks if blocks is None else blocks
+        n_channels = self.n_side + 1
+        if not -n_channels <= channel < n_channels:
+            raise IndexError(f"channel {channel} out of range for {n_channels} output channels")
+        channel %= n_channels
+        size = (x.shape[-2], x.shape[-1])
+        wanted = range(self.n_side) if channel == self.n_side else [channel]
+        fused: torch.Tensor | None = None
+        for i, (block, side_conv) in enumerate(zip(blocks, self.side_convs)):
+            if i > wanted[-1]:
+                break
+            x = block(x)
+            if i not in wanted:
+                continue
+            side = torch.sigmoid_(F.interpolate(side_conv(x), size=size, mode="bilinear", align_corners=False))
+            if channel != self.n_side:
+                return side[:, 0]
+            weight = self.fusion_weights[0, i, 0, 0].to(side.dtype)
+            fused = side.mul_(weight) if fused is None else fused.add_(side.mul_(weight))
+        return fused[:, 0]
