@@ -33,8 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from custom.networks.mil_segmenter import MILSegmenter
-
 __all__ = ["RUNTIMES", "ConvReLU", "KeptChannel", "fold_network", "network_versions", "onednn_conv_relu",
            "prepare_network", "resolve_runtime"]
 
@@ -117,8 +115,8 @@ def onednn_conv_relu(graph_module: torch.fx.GraphModule) -> tuple[torch.fx.Graph
 
 
 class KeptChannel(nn.Module):
-    """One output channel of ``network`` as ``(B, H, W)``: through ``MILSegmenter.channel_map`` with the given
-    (optimised) ``blocks`` when the network is a ``MILSegmenter``, else ``network(x)[:, channel]``."""
+    """One output channel of ``network`` as ``(B, H, W)``: through its ``channel_map`` with the given (optimised)
+    ``blocks`` when they are given (a ``custom.networks.MILSegmenter``), else ``network(x)[:, channel]``."""
 
     def __init__(self, network: nn.Module, channel: int, blocks: list[nn.Module] | None = None) -> None:
         super().__init__()
@@ -131,7 +129,14 @@ class KeptChannel(nn.Module):
         return self.network(x)[:, self.channel]
 
 
-def _optimised_blocks(network: MILSegmenter, conv_relu: bool) -> list[nn.Module] | None:
+def _has_channel_map(network: nn.Module) -> bool:
+    """Whether ``network`` computes one output channel alone from replaceable blocks: ``channel_map(x, channel,
+    blocks)`` and ``blocks`` (``custom.networks.MILSegmenter``; this package does not import the networks)."""
+    return callable(getattr(network, "channel_map", None)) and isinstance(getattr(network, "blocks", None),
+                                                                          nn.ModuleList)
+
+
+def _optimised_blocks(network: nn.Module, conv_relu: bool) -> list[nn.Module] | None:
     """The blocks of ``network`` with BatchNorm folded (and conv+ReLU fused), or None if one cannot be traced."""
     blocks = []
     for block in network.blocks:
@@ -144,7 +149,7 @@ def _optimised_blocks(network: MILSegmenter, conv_relu: bool) -> list[nn.Module]
 
 def _fast(network: nn.Module, channel: int, conv_relu: bool) -> nn.Module:
     """The ``fused`` (``conv_relu``: ``onednn``) evaluation of one channel of ``network``."""
-    if isinstance(network, MILSegmenter):
+    if _has_channel_map(network):
         blocks = _optimised_blocks(network, conv_relu)
         if blocks is not None:
             return KeptChannel(network, channel, blocks).eval()
