@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": {"data", "losses", "tables"},
     "engines": {"metrics", "transforms", "checkpoints", "distributed"},
     "handlers": {"engines", "transforms", "distributed"},
-    "inference": {"checkpoints", "data", "distributed", "networks", "transforms", "writers"},
+    "inference": {"checkpoints", "data", "distributed", "transforms", "writers"},
     "report": {"engines", "handlers", "metrics", "writers", "tables", "checkpoints", "transforms"},
 }
 # single modules with a wider licence, and why
