@@ -81,7 +81,7 @@ def test_inference_from_checkpoint_and_torchscript_agree(exported):
     from_pt = tifffile.imread(exported / "pt" / "tiny" / "tiny_prob.tif", level=0)
     from_ts = tifffile.imread(exported / "ts" / "tiny" / "tiny_prob.tif", level=0)
     assert from_pt.any()
-    # the checkpoint path runs with BatchNorm folded (inference_network): equal up to one uint8 rounding step
+    # the checkpoint path runs with BatchNorm folded (custom.inference.runtime): equal up to one uint8 rounding step
     difference = np.abs(from_ts.astype(np.int16) - from_pt)
     assert difference.max() <= 1 and np.count_nonzero(difference) <= 1e-4 * difference.size
     summary = json.loads((exported / "pt" / "tiny" / "tiny_summary.json").read_text())

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-__all__ = ["RUNTIMES", "ConvReLU", "KeptChannel", "fold_network", "network_versions", "onednn_conv_relu",
-           "prepare_network", "resolve_runtime"]
+__all__ = ["RUNTIMES", "ConvReLU", "KeptChannel", "check_runtime", "fold_network", "network_versions",
+           "onednn_conv_relu", "prepare_network", "resolve_runtime"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,18 +206,26 @@ def _compile(module: nn.Module) -> Callable:
 def network_versions(network: nn.Module) -> tuple:
     """The version counters of every parameter and buffer of ``network``: they change with any in-place update
     (an optimizer step, ``load_state_dict``), so a network prepared from it is known to be stale."""
-    if isinstance(network, torch.jit.ScriptModule):
-        tensors = [*network.parameters(), *network.buffers()]
-    else:
-        tensors = [*network.parameters(), *(b for b in network.buffers() if b is not None)]
+    tensors = (t for t in (*network.parameters(), *network.buffers()) if t is not None)
     return tuple((id(t), t._version) for t in tensors)
+
+
+def check_runtime(runtime: str) -> str:
+    """``runtime`` if it is one of ``RUNTIMES``; refused naming the config key otherwise (before any slide is read)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES} (config key 'runtime'), got {runtime!r}")
+    return runtime
+
+
+def _onednn_cpu(device: torch.device) -> bool:
+    """Whether ``device`` is a CPU that oneDNN serves (where the conv+ReLU post-op exists)."""
+    return device.type == "cpu" and torch.backends.mkldnn.is_available()
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:
     """The runtime that ``runtime`` means on ``device`` (``auto`` chosen; ``onednn`` off a CPU is ``fused``)."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES} (config key 'runtime'), got {runtime!r}")
-    cpu = device.type == "cpu" and torch.backends.mkldnn.is_available()
+    check_runtime(runtime)
+    cpu = _onednn_cpu(device)
     if runtime == "auto":
         return "onednn" if cpu else "fused"
     if runtime == "onednn" and not cpu:
@@ -244,8 +252,7 @@ def prepare_network(network: nn.Module, runtime: str = "auto", channel: int = -1
             except RuntimeError as err:  # e.g. a module already frozen, or one freezing cannot handle
                 logger.info("TorchScript module left as it is (optimize_for_inference failed: %s)", err)
         return KeptChannel(network, channel).eval(), torch.contiguous_format
-    cpu = device.type == "cpu" and torch.backends.mkldnn.is_available()
-    fallback = _fast(network, channel, conv_relu=cpu and runtime in ("onednn", "compile"))
+    fallback = _fast(network, channel, conv_relu=_onednn_cpu(device) and runtime in ("onednn", "compile"))
     if runtime != "compile":
         return fallback, torch.channels_last
     try:

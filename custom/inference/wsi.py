@@ -28,10 +28,10 @@ from custom.data.grid import TileGrid, make_tile_grid
 from custom.data.slide import Slide, level0_mpp, mpp_or_assumed, select_level
 from custom.data.tissue import TissueMask, detect_tissue
 from custom.inference.heap import heap_reuse
-from custom.inference.runtime import RUNTIMES, fold_network, network_versions, prepare_network
+from custom.inference.runtime import check_runtime, network_versions, prepare_network
 from custom.inference.stitch import StripMerger, importance_map
 
-__all__ = ["STAGES", "SlidePrediction", "TileDataset", "WholeSlideInferer", "inference_network"]
+__all__ = ["STAGES", "SlidePrediction", "TileDataset", "WholeSlideInferer"]
 
 STAGES = ("tissue", "read", "preprocess", "wait", "model", "stitch", "write")
 """Timed stages; ``read`` and ``preprocess`` run in the workers (summed over tiles), ``wait`` is the main process
@@ -66,18 +66,6 @@ class TileDataset(Dataset):
 def _single_thread_worker(_: int) -> None:
     """Keep each reader process on one thread so readers and the network do not oversubscribe the cores."""
     torch.set_num_threads(1)
-
-
-def inference_network(network: torch.nn.Module) -> torch.nn.Module:
-    """The same function, faster to evaluate: BatchNorm folded into the conv before it, weights channels-last.
-
-    Works on a copy (``torch.fx`` fusion) of the network put in eval mode, whose weights stay untouched; a
-    TorchScript module or one that ``torch.fx`` cannot trace is returned as it is (correct, only not sped up). The
-    engine itself runs :func:`custom.inference.runtime.prepare_network` (this, and more, per ``runtime``).
-    """
-    if isinstance(network, torch.jit.ScriptModule):
-        return network.eval()
-    return fold_network(network)
 
 
 @dataclass
@@ -149,9 +137,7 @@ class WholeSlideInferer:
         self.tile_size, self.overlap, self.level, self.mpp = tile_size, overlap, level, mpp
         self.batch_size, self.num_workers, self.amp = batch_size, num_workers, amp
         self.min_tissue, self.channel, self.progress = min_tissue, channel, progress
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES} (config key 'runtime'), got {runtime!r}")
-        self.runtime, self.heap_reuse = runtime, heap_reuse
+        self.runtime, self.heap_reuse = check_runtime(runtime), heap_reuse
         self._prepared: tuple | None = None  # (network, its weight versions, callable, memory format), kept per network
         self.tissue_kwargs = dict(tissue_kwargs or {})
         self.mpp_override, self.mpp_tolerance = mpp_override, mpp_tolerance

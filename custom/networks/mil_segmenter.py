@@ -11,6 +11,11 @@ from torch import nn
 __all__ = ["MILSegmenter"]
 
 
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A side map's logits at the input size: bilinear before the sigmoid, as the method fixes."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 class MILSegmenter(nn.Module):
     """Runs `blocks` in sequence and turns each block's output into a full-size probability map.
 
@@ -53,7 +58,7 @@ class MILSegmenter(nn.Module):
         logits = []
         for block, side_conv in zip(self.blocks, self.side_convs):
             x = block(x)
-            logits.append(F.interpolate(side_conv(x), size=size, mode="bilinear", align_corners=False))
+            logits.append(upsample_logits(side_conv(x), size))
         sides = torch.sigmoid(torch.cat(logits, dim=1))
         fused = (sides * self.fusion_weights.to(sides.dtype)).sum(dim=1, keepdim=True)
         return torch.cat([sides, fused], dim=1)
@@ -83,7 +88,7 @@ class MILSegmenter(nn.Module):
             x = block(x)
             if i not in wanted:
                 continue
-            side = torch.sigmoid_(F.interpolate(side_conv(x), size=size, mode="bilinear", align_corners=False))
+            side = torch.sigmoid_(upsample_logits(side_conv(x), size))
             if channel != self.n_side:
                 return side[:, 0]
             weight = self.fusion_weights[0, i, 0, 0].to(side.dtype)
