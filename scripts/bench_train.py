@@ -7,16 +7,18 @@ Three rows, each the bundle's trainer and a plain loop doing the same work in th
   cached ``PatchFolderDataset`` with per-sample normalisation, its handlers) against a loop over the same network
   class, loss, optimizer and batch with the images in memory as one tensor, normalised per batch;
 - ``stage 2 cached``: the config's ``distill#trainer`` (``custom.engines.DistillationTrainer``, ``DistillationLoss``,
-  ``LoadPseudoLabeld`` reading the pseudo-labels its handler wrote, ``RandFlipd`` + ``RandRotate90d``) against a loop
-  with the teacher's maps in memory and the same flips and rotations drawn per image on the batch;
+  ``LoadPseudoLabeld`` serving the pseudo-labels its handler wrote, ``RandFlipRotate90Batchd`` on each batch) against a
+  loop with the teacher's maps in memory and the same flips and quarter turns drawn per image on the batch;
 - ``stage 2 teacher``: the same with ``cache_pseudo_labels: false`` (a no-grad teacher forward every batch), against
   a loop that runs the teacher the same way.
 
 The images are random RGB PNG patches written to a temporary folder in the layout ``patch_folder_datalist`` reads
 (nothing is downloaded). Validation is pushed past the last epoch (``val_interval``) and the role swap is off, so the
 timed window is training only: from the epoch's start to its last iteration's end, which includes every per-iteration
-handler the config attaches (progress bar, TensorBoard). The first ``warmup`` epochs are not timed; each figure is the
-median over the ``epochs`` timed ones. Both sides use the process's torch threads (``--threads``).
+handler the config attaches (progress bar, TensorBoard). The two sides alternate epoch by epoch (one plain epoch runs
+when each bundle epoch completes, outside the bundle's timed window), so a change in the machine's speed during a row
+reaches both alike. The first ``warmup`` pairs are not timed; the rates are medians over the ``epochs`` timed ones, and
+the ratio is the median of the pairs' ratios. Both sides use the process's torch threads (``--threads``).
 
 ``--device cuda --amp True`` runs the same trainers and loops on a GPU (the configs' CUDA autocast + GradScaler, and the
 same in the plain loops), with the batches copied to the device every step on both sides; ``--width``,
@@ -25,7 +27,7 @@ same in the plain loops), with the batches copied to the device every step on bo
 row also records the peak memory of the bundle trainer's run above its start (``max_memory_allocated`` on a GPU, the
 resident set on a CPU, as ``bench_bags.py``), printed on a GPU and written with ``--json_out``.
 
-    python scripts/bench_train.py                      # 96 patches (80 trained on), 1 warm-up + 3 timed epochs per row
+    python scripts/bench_train.py                      # 96 patches (80 trained on), 1 warm-up + 5 timed epochs per row
     python scripts/bench_train.py --n_images 256 --epochs 5 --threads 2
     python scripts/bench_train.py --pseudo_in_memory False   # LoadPseudoLabeld decoding every file every time
     python scripts/bench_train.py --device cuda --amp True --width 1.0 --image_size 256 --size 256 --num_workers 2
@@ -147,28 +149,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def epoch_seconds(engine: Engine, device: torch.device = torch.device("cpu")) -> list[float]:
-    """Run ``engine``; the seconds from each epoch's start to its last iteration's end (after every handler
-    attached before this one on those events: the config's seeding, progress bar and per-iteration logging; on a
-    GPU, once the iteration's queued work has finished)."""
+def interleaved(engine: Engine, plain_epoch: Callable[[], float], warmup: int,
+                device: torch.device = torch.device("cpu")) -> tuple[float, float, float, float]:
+    """Run ``engine`` with one ``plain_epoch`` after each of its epochs; return the median seconds of the timed
+    bundle and plain epochs, the median of their per-epoch ratios (plain seconds / bundle seconds) and the bundle's
+    peak memory (MB) over its first epoch.
+
+    A bundle epoch is timed from its start to its last iteration's end (after every handler attached before this one
+    on those events; on a GPU, once the iteration's queued work has finished); the plain epoch runs at
+    ``EPOCH_COMPLETED``, after that window and before the next one opens."""
     starts: list[float] = []
     ends: dict[int, float] = {}
+    plain: list[float] = []
+    peak: list[float] = []
 
     def iteration_done(e: Engine) -> None:
         _sync(device)
         ends[e.state.epoch] = time.perf_counter()
 
+    def epoch_done(e: Engine) -> None:
+        if not peak:
+            peak.append(peak_since(device, baseline))
+        plain.append(plain_epoch())
+
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: starts.append(time.perf_counter()))
     engine.add_event_handler(Events.ITERATION_COMPLETED, iteration_done)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, epoch_done)
+    baseline = reset_peak(device)
     engine.run()
-    return [ends[epoch + 1] - start for epoch, start in enumerate(starts)]
-
-
-def timed_run(engine: Engine, device: torch.device) -> tuple[list[float], float]:
-    """``epoch_seconds`` of ``engine`` and the peak memory (MB) of its run above its start."""
-    start = reset_peak(device)
-    seconds = epoch_seconds(engine, device)
-    return seconds, peak_since(device, start)
+    bundle = [ends[epoch + 1] - start for epoch, start in enumerate(starts)][warmup:]
+    plain = plain[warmup:]
+    ratios = [p / b for b, p in zip(bundle, plain)]
+    return statistics.median(bundle), statistics.median(plain), statistics.median(ratios), peak[0]
 
 
 def load_images(items: list[dict], image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,35 +195,41 @@ def load_images(items: list[dict], image_size: int | None = None) -> tuple[torch
 
 
 def augment(image: torch.Tensor, pseudo: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The distillation augmentation drawn per image on a batch: a row flip (p 0.5), then a 90-degree turn (p 0.5),
-    image and pseudo-label together, as ``RandFlipd(spatial_axis=0)`` and ``RandRotate90d`` do per sample."""
-    for op, draw in ((lambda t: t.flip(-2), torch.rand(image.shape[0]) < 0.5),
-                     (lambda t: t.rot90(1, (-2, -1)), torch.rand(image.shape[0]) < 0.5)):
-        if draw.any():
-            image = image.clone()
-            image[draw] = op(image[draw])
-            if pseudo is not None:
-                pseudo = pseudo.clone()
-                pseudo[draw] = op(pseudo[draw])
+    """The distillation augmentation drawn per image on a batch, image and pseudo-label together: a row flip
+    (p 0.5), then (p 0.5) a turn by k x 90 degrees, k from 1 to 3, the distribution of the config's
+    ``RandFlipRotate90Batchd`` (and of ``RandFlipd(spatial_axis=0)`` + ``RandRotate90d`` per sample)."""
+    n = image.shape[0]
+    flip = torch.rand(n) < 0.5
+    turns = torch.where(torch.rand(n) < 0.5, torch.randint(1, 4, (n,)), 0)
+    image = image.clone()
+    pseudo = None if pseudo is None else pseudo.clone()
+    for i in range(n):
+        if not (flip[i] or turns[i]):
+            continue
+        for t in (image, pseudo):
+            if t is not None:
+                turned = t[i].flip(-2) if flip[i] else t[i]
+                t[i] = turned.rot90(int(turns[i]), (-2, -1))
     return image, pseudo
 
 
 def plain_loop(step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None], images: torch.Tensor,
-               labels: torch.Tensor, batch_size: int, epochs: int,
-               device: torch.device = torch.device("cpu")) -> list[float]:
-    """Seconds of each epoch of shuffled batches (index order, copied to ``device`` and normalised there per batch)
-    handed to ``step``; on a GPU each epoch ends when its queued work has finished."""
-    seconds = []
+               labels: torch.Tensor, batch_size: int,
+               device: torch.device = torch.device("cpu")) -> Callable[[], float]:
+    """A function that runs one epoch of shuffled batches (index order, copied to ``device`` and normalised there
+    per batch) through ``step`` and returns its seconds; on a GPU the epoch ends when its queued work has finished."""
     mean, std = MEAN.to(device), STD.to(device)
-    for _ in range(epochs):
+
+    def epoch() -> float:
         start = time.perf_counter()
         order = torch.randperm(images.shape[0])
         for batch in order.split(batch_size):
             image = images[batch].to(device, non_blocking=True)
             step(batch, (image - mean) / std, labels[batch].to(device, non_blocking=True))
         _sync(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        return time.perf_counter() - start
+
+    return epoch
 
 
 def config_device(config: ConfigParser) -> tuple[torch.device, bool]:
@@ -244,16 +262,13 @@ def plain_optimizer(config: ConfigParser, network: torch.nn.Module) -> torch.opt
 
 
 def bench_stage1(data_dir: Path, work_dir: Path, warmup: int, epochs: int,
-                 overrides: dict | None = None) -> tuple[int, float, float, float]:
-    """(images per epoch, bundle img/s, plain img/s, bundle peak MB) of stage 1."""
+                 overrides: dict | None = None) -> tuple[int, float, float, float, float]:
+    """(images per epoch, bundle img/s, plain img/s, ratio, bundle peak MB) of stage 1."""
     config = bundle_config(data_dir, work_dir / "stage1", warmup + epochs, overrides=overrides)
     device, amp = config_device(config)
     trainer = config.get_parsed_content("train#trainer")
     items = config.get_parsed_content("train#datalist")
     start_weights = plain_network(config, config.get_parsed_content("teacher"))
-    seconds, peak = timed_run(trainer, device)
-    bundle = statistics.median(seconds[warmup:])
-
     images, labels = load_images(items, config["image_size"])
     network = plain_network(config, start_weights)
     optimizer = plain_optimizer(config, network)
@@ -271,15 +286,16 @@ def bench_stage1(data_dir: Path, work_dir: Path, warmup: int, epochs: int,
             loss = loss_function(network(image), label)
         backward_step(loss, optimizer, scaler)
 
-    loop = plain_loop(step, images, labels, config["batch_size"], warmup + epochs, device)
-    plain = statistics.median(loop[warmup:])
-    return len(items), len(items) / bundle, len(items) / plain, peak
+    bundle, plain, ratio, peak = interleaved(trainer, plain_loop(step, images, labels, config["batch_size"], device),
+                                             warmup, device)
+    return len(items), len(items) / bundle, len(items) / plain, ratio, peak
 
 
 def bench_stage2(data_dir: Path, work_dir: Path, warmup: int, epochs: int, cache: bool,
-                 pseudo_in_memory: bool = True, overrides: dict | None = None) -> tuple[int, float, float, float]:
-    """(images per epoch, bundle img/s, plain img/s, bundle peak MB) of stage 2, with the pseudo-label cache or a
-    teacher forward."""
+                 pseudo_in_memory: bool = True,
+                 overrides: dict | None = None) -> tuple[int, float, float, float, float]:
+    """(images per epoch, bundle img/s, plain img/s, ratio, bundle peak MB) of stage 2, with the pseudo-label cache
+    or a teacher forward."""
     folder = work_dir / f"stage2_{'cached' if cache else 'teacher'}"
     config = bundle_config(data_dir, folder, warmup + epochs, cache, pseudo_in_memory=pseudo_in_memory,
                            overrides=overrides)
@@ -288,9 +304,6 @@ def bench_stage2(data_dir: Path, work_dir: Path, warmup: int, epochs: int, cache
     items = config.get_parsed_content("train#datalist")
     teacher = plain_network(config, config.get_parsed_content("teacher")).eval().requires_grad_(False)
     student = plain_network(config, config.get_parsed_content("student"))
-    seconds, peak = timed_run(trainer, device)
-    bundle = statistics.median(seconds[warmup:])
-
     images, labels = load_images(items, config["image_size"])
     optimizer = plain_optimizer(config, student)
     loss_function = DistillationLoss(
@@ -326,9 +339,9 @@ def bench_stage2(data_dir: Path, work_dir: Path, warmup: int, epochs: int, cache
             loss = loss_function.components(student(image), target, label)["loss"]
         backward_step(loss, optimizer, scaler)
 
-    loop = plain_loop(step, images, labels, config["batch_size"], warmup + epochs, device)
-    plain = statistics.median(loop[warmup:])
-    return len(items), len(items) / bundle, len(items) / plain, peak
+    bundle, plain, ratio, peak = interleaved(trainer, plain_loop(step, images, labels, config["batch_size"], device),
+                                             warmup, device)
+    return len(items), len(items) / bundle, len(items) / plain, ratio, peak
 
 
 def overrides_of(device: str = "cpu", amp: bool = False, width: float | None = None, image_size: int | None = None,
@@ -340,7 +353,7 @@ def overrides_of(device: str = "cpu", amp: bool = False, width: float | None = N
     return keys | {key: value for key, value in named.items() if value is not None}
 
 
-def run(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 3, threads: int | None = None,
+def run(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 5, threads: int | None = None,
         seed: int = 0, pseudo_in_memory: bool = True,
         overrides: dict | None = None) -> tuple[list[list], float, list[float]]:
     """The table's rows ``[stage, images, bundle img/s, plain img/s, ratio]``, the lowest ratio and each row's
@@ -358,13 +371,13 @@ def run(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 3, t
             ("stage 2 teacher", lambda: bench_stage2(data_dir, work, warmup, epochs, False, overrides=overrides)),
         ]
         for name, bench in benches:
-            count, bundle, plain, peak = bench()
-            rows.append([name, count, bundle, plain, bundle / plain])
+            count, bundle, plain, ratio, peak = bench()
+            rows.append([name, count, bundle, plain, ratio])
             peaks.append(peak)
     return rows, min(row[-1] for row in rows), peaks
 
 
-def main(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 3, threads: int | None = None,
+def main(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 5, threads: int | None = None,
          seed: int = 0, pseudo_in_memory: bool = True, device: str = "cpu", amp: bool = False,
          width: float | None = None, image_size: int | None = None, batch_size: int | None = None,
          num_workers: int | None = None, json_out: str | None = None) -> None:
@@ -373,8 +386,8 @@ def main(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 3, 
     Args:
         n_images: patches generated (the config's validation split, 15 %, is held out of training).
         size: side of the generated patches (the config resizes to its ``image_size``, 128).
-        warmup: epochs run before timing starts.
-        epochs: timed epochs; the median is reported.
+        warmup: epoch pairs run before timing starts.
+        epochs: timed epoch pairs (bundle, then plain); the medians are reported.
         threads: torch threads for both sides (default: torch's).
         seed: seed of the generated images.
         pseudo_in_memory: False decodes every pseudo-label file on every sample, as before they were kept.
@@ -391,7 +404,8 @@ def main(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 3, 
     print(
         f"{' + '.join(CONFIG_FILES)}: DWS-MIL width {knobs['network_width']}, {knobs['image_size']} px, batch "
         f"{knobs['batch_size']}, {knobs['num_workers']} workers; {torch.get_num_threads()} torch threads; "
-        f"median of {epochs} epoch(s) after {warmup} warm-up; pseudo-labels kept in memory: {pseudo_in_memory}"
+        f"{epochs} alternating bundle/plain epoch pair(s) after {warmup} warm-up (median img/s, median of the pairs' "
+        f"ratios); pseudo-labels kept in memory: {pseudo_in_memory}"
         + ("" if device == "cpu" else f"; device {device}{', AMP' if amp_on else ''}")
     )
     print(format_table(COLUMNS, rows, sep="  "))

@@ -177,9 +177,9 @@ def test_weak_training_reads_no_mask_and_augmentation_moves_the_masks(tiny_data)
     items = parser.get_parsed_content("train#datalist")
     assert items and not any(item["strong"] or item["mask"] for item in items)
     assert any(item["mask"] for item in parser.get_parsed_content("test#datalist"))
-    for transform in parser.get_parsed_content("distill#transforms"):
-        if type(transform).__name__ in ("RandFlipd", "RandRotate90d"):
-            assert set(transform.keys) == {"image", "mask", "pseudo"}
+    augment = parser.get_parsed_content("distill#augment")
+    assert set(augment.keys) == {"image", "mask", "pseudo"}
+    assert parser.get_parsed_content("distill#trainer").batch_transform is augment
 
 
 def test_training_with_all_masks_runs_and_says_how_many(tiny_data, tmp_path):

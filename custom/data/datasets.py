@@ -104,6 +104,9 @@ class PatchFolderDataset(CacheDataset):
 
     The deterministic part (loading and sizing) is cached for ``cache_rate`` of the items (0 caches nothing);
     ``transform`` (a callable, a list or a ``Compose``) runs after it on every access, e.g. normalisation and flips.
+    ``copy_cache`` False serves the cached items without a deep copy: only when every transform after the cache
+    returns new tensors (MONAI's dictionary transforms and ``LoadPseudoLabeld`` do; an in-place one would alter the
+    cache for every later epoch).
     """
 
     def __init__(
@@ -114,10 +117,14 @@ class PatchFolderDataset(CacheDataset):
         transform: Callable | Sequence[Callable] | None = None,
         cache_rate: float = 0.0,
         num_workers: int | None = 1,
+        copy_cache: bool = True,
     ) -> None:
         extra = ensure_tuple(transform) if transform is not None else ()
         chain = Compose([*patch_transforms(image_size, resize_mode), *extra]).flatten()
-        super().__init__(data, transform=chain, cache_rate=cache_rate, num_workers=num_workers, progress=False)
+        super().__init__(
+            data, transform=chain, cache_rate=cache_rate, num_workers=num_workers, progress=False,
+            copy_cache=copy_cache,
+        )
 
     def _fill_cache(self, indices: Sequence[int] | None = None) -> list:
         """MONAI's cache fill, except that a failing item waits for the pool's threads before it propagates.

@@ -78,6 +78,9 @@ class DistillationTrainer(Trainer):
             augmentations must move it with the image.
         strong_key: batch key of the per-image flag "this mask is a strong label" (``custom.data.STRONG_KEY``, which
             ``custom.data.with_strong_labels`` sets).
+        batch_transform: applied to each collated batch dict before anything reads it, e.g.
+            ``custom.transforms.RandFlipRotate90Batchd`` over image, mask and pseudo-label (a live teacher then sees
+            the augmented image, as with per-sample augmentation).
         epoch_length: number of iterations for one epoch, default to `len(train_data_loader)`.
         non_blocking: if True and this copy is between CPU and GPU, the copy may occur asynchronously.
         prepare_batch: function returning ``(image, label)`` on the device from ``batchdata``.
@@ -112,6 +115,7 @@ class DistillationTrainer(Trainer):
         pseudo_key: str | None = PSEUDO_KEY,
         mask_key: str = "mask",
         strong_key: str = "strong",
+        batch_transform: Callable[[dict], dict] | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -159,6 +163,7 @@ class DistillationTrainer(Trainer):
         self.pseudo_key = pseudo_key
         self.mask_key = mask_key
         self.strong_key = strong_key
+        self.batch_transform = batch_transform
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.teacher_inferer = SimpleInferer() if teacher_inferer is None else teacher_inferer
         self.optim_set_to_none = optim_set_to_none
@@ -201,6 +206,8 @@ class DistillationTrainer(Trainer):
         """
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
+        if engine.batch_transform is not None:
+            batchdata = engine.batch_transform(batchdata)
         inputs, labels = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: labels}
 

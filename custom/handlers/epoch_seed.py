@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from monai.transforms import Randomizable
 from monai.utils import IgniteInfo, min_version, optional_import, set_determinism
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -21,12 +23,15 @@ class EpochSeedHandler:
     The DataLoader draws its shuffling order (and its workers' seeds) when an epoch starts, so an epoch's order
     depends only on the seed and the epoch number, not on how much randomness earlier epochs consumed: a stage
     that is killed and resumed from its last epoch checkpoint sees the same batches as an uninterrupted run.
+    ``randomizable`` (MONAI transforms with their own generator, e.g. the trainer's batch augmentation) are reseeded
+    with the same value, since ``set_determinism`` does not reach their ``R``.
     Attach it first in ``train_handlers``.
     """
 
-    def __init__(self, seed: int, stride: int = 1000) -> None:
+    def __init__(self, seed: int, stride: int = 1000, randomizable: Sequence[Randomizable | None] = ()) -> None:
         self.seed = seed
         self.stride = stride
+        self.randomizable = [r for r in randomizable if r is not None]  # a disabled config component is None
 
     def attach(self, engine: Engine) -> None:
         """Reseed before every epoch's data iterator is created."""
@@ -34,4 +39,7 @@ class EpochSeedHandler:
 
     def __call__(self, engine: Engine) -> None:
         """``engine.state.epoch`` is already the new epoch's number here."""
-        set_determinism(seed=self.seed + engine.state.epoch * self.stride)
+        seed = self.seed + engine.state.epoch * self.stride
+        set_determinism(seed=seed)
+        for transform in self.randomizable:
+            transform.set_random_state(seed=seed)
