@@ -53,6 +53,9 @@ def test_dice_and_false_positive_area_by_hand(cache):
     assert result["dice_pos"] == pytest.approx(8 / 14)
     assert result["fp_area_neg"] == pytest.approx(6 / 16)
     assert (result["n_pos_with_mask"], result["n_pos_without_mask"], result["n_neg"]) == (1, 1, 1)
+    # positive a calls 6 pixels of which 4 are tumour, and finds 4 of the 8 tumour pixels: it under-calls
+    assert result["precision_pos"] == pytest.approx(4 / 6) and result["recall_pos"] == pytest.approx(4 / 8)
+    assert result["called_area_pos"] == pytest.approx(6 / 16) and result["true_area_pos"] == pytest.approx(8 / 16)
     assert pseudo_label_quality(cache, threshold=0.3)["dice_pos"] == pytest.approx(2 * 4 / (7 + 8))
 
 
