@@ -22,7 +22,7 @@ from custom.data.slide import open_slide
 from custom.data.synthetic import SyntheticSpec, generate_dataset
 from custom.data.tissue import detect_tissue
 from custom.inference import SlideInferenceError, SlideInferenceRunner, StripMerger, WholeSlideInferer
-from custom.inference.outputs import top_k_mean
+from custom.inference.outputs import _overlay, top_k_mean
 from custom.inference.streaming import RasterStats
 from custom.networks import DWSMIL
 from custom.writers.pyramid_tiff import write_pyramid
@@ -169,6 +169,19 @@ def test_overlay_png(run):
     overlay = np.asarray(Image.open(run["out"] / name / f"{name}_overlay.png"))
     assert overlay.ndim == 3 and overlay.shape[2] == 3
     assert ((overlay[..., 0] == 200) & (overlay[..., 1] == 0) & (overlay[..., 2] == 0)).any()  # tumour outline
+
+
+def test_overlay_tints_and_outlines_the_mask_by_hand():
+    """A 2x2 mask with its top-left pixel tumour on a 6x6 grey thumbnail: the top-left 3x3 block is tumour; its
+    pixels next to background (the block's last row and column) are the outline, the other four are tinted."""
+    thumbnail = np.full((6, 6, 3), 100, np.uint8)
+    out = _overlay(thumbnail, np.array([[True, False], [False, False]]))
+    tint = (int(0.55 * 100 + 0.45 * 255), 55, 55)  # 169.75 -> 169
+    expected = thumbnail.copy()
+    expected[:2, :2] = tint
+    expected[2, :3] = expected[:3, 2] = (200, 0, 0)
+    np.testing.assert_array_equal(out, expected)
+    assert np.array_equal(thumbnail, np.full((6, 6, 3), 100, np.uint8))  # the thumbnail itself is untouched
 
 
 def test_blank_slide_gives_empty_outputs(run):

@@ -32,7 +32,6 @@ import nibabel as nib
 import numpy as np
 from skimage.io import imsave
 from skimage.segmentation import find_boundaries
-from skimage.transform import resize
 
 from custom.data.polygons import mask_polygons, outlines_and_holes
 from custom.data.slide import mpp_or_assumed
@@ -73,12 +72,27 @@ def top_k_mean(histogram: np.ndarray, k: int) -> float:
 
 
 def _overlay(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The thumbnail with the tumour mask (resized to it by nearest neighbour) tinted red and outlined."""
-    mask = resize(mask, thumbnail.shape[:2], order=0, anti_aliasing=False, preserve_range=True).astype(bool)
-    out = thumbnail.astype(np.float32)
-    out[mask] = 0.55 * out[mask] + 0.45 * np.array([255.0, 0.0, 0.0])
-    out[find_boundaries(mask, mode="inner")] = (200, 0, 0)
-    return out.astype(np.uint8)
+    """The thumbnail with the tumour mask (resized to it by nearest neighbour) tinted red and outlined.
+
+    In uint8 and bool throughout, floats only for the tinted pixels: the thumbnail grows with the slide's area (the
+    tissue detector's fixed resolution), and a float copy of it was the largest allocation of a slide's outputs."""
+    rows = _nearest_index(mask.shape[0], thumbnail.shape[0])
+    cols = _nearest_index(mask.shape[1], thumbnail.shape[1])
+    tumour = mask[rows[:, None], cols[None, :]]
+    out = thumbnail.copy()
+    out[tumour] = (0.55 * out[tumour] + TINT).astype(np.uint8)
+    out[find_boundaries(tumour, mode="inner")] = (200, 0, 0)
+    return out
+
+
+TINT = 0.45 * np.array([255.0, 0.0, 0.0], np.float32)
+"""What the overlay adds to 0.55 x each tumour pixel: 45 % red."""
+
+
+def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
+    """For each of ``size_out`` pixels, the input pixel whose centre is nearest (``resize(order=0)``'s sampling)."""
+    centres = (np.arange(size_out) + 0.5) * (size_in / size_out)
+    return np.minimum(centres.astype(np.int64), size_in - 1)
 
 
 def write_slide_outputs(
