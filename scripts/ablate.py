@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "mil_term": ([], {"lambda_mil": 1.0}),
     "student_from_teacher": ([], {"student_init": "teacher"}),
     "wce_threshold_0.3": ([], {"wce_threshold": 0.3}),
+    "wce_threshold_0.7": ([], {"wce_threshold": 0.7}),
     "supervised_upper_bound": (["supervised.json"], {}),
     "masks_5pct": ([], {"strong_fraction": 0.05}),
     "masks_20pct": ([], {"strong_fraction": 0.2}),
