@@ -139,12 +139,16 @@ class RandFlipRotate90Batchd(MapTransform, RandomizableTransform):
         self.max_k = max_k
         self._flip = np.zeros(0, bool)
         self._turns = np.zeros(0, int)
+        self._groups: list[tuple[bool, int, np.ndarray]] = []
 
     def randomize(self, batch_size: int) -> None:
-        """Draw, per image, whether its rows flip and how many quarter turns (0 = none) it takes."""
+        """Draw, per image, whether its rows flip and how many quarter turns (0 = none) it takes, and group the
+        images that move alike (every key of the batch is moved group by group)."""
         self._flip = self.R.random_sample(batch_size) < self.prob
         turn = self.R.random_sample(batch_size) < self.prob
         self._turns = np.where(turn, self.R.randint(1, self.max_k + 1, batch_size), 0)
+        moves = sorted({(bool(f), int(k)) for f, k in zip(self._flip, self._turns)} - {(False, 0)})
+        self._groups = [(f, k, np.flatnonzero((self._flip == f) & (self._turns == k))) for f, k in moves]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """A copy of ``data`` with the listed (B, C, rows, cols) tensors flipped and turned per image."""
@@ -166,8 +170,8 @@ class RandFlipRotate90Batchd(MapTransform, RandomizableTransform):
         if self._turns.any() and batch.shape[-1] != batch.shape[-2]:
             raise ValueError(f"a quarter turn needs square images, got {tuple(batch.shape[-2:])} (rows, cols)")
         out = batch.clone()
-        for flip, turns in {(bool(f), int(k)) for f, k in zip(self._flip, self._turns)} - {(False, 0)}:
-            index = torch.from_numpy(np.flatnonzero((self._flip == flip) & (self._turns == turns))).to(batch.device)
+        for flip, turns, images in self._groups:
+            index = torch.from_numpy(images).to(batch.device)
             group = batch.index_select(0, index)
             if flip:
                 group = group.flip(-2)

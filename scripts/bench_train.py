@@ -167,14 +167,11 @@ def interleaved(engine: Engine, plain_epoch: Callable[[], float], warmup: int,
         _sync(device)
         ends[e.state.epoch] = time.perf_counter()
 
-    def epoch_done(e: Engine) -> None:
-        if not peak:
-            peak.append(peak_since(device, baseline))
-        plain.append(plain_epoch())
-
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: starts.append(time.perf_counter()))
     engine.add_event_handler(Events.ITERATION_COMPLETED, iteration_done)
-    engine.add_event_handler(Events.EPOCH_COMPLETED, epoch_done)
+    # attached in this order: the first epoch's peak is read before the first plain epoch runs
+    engine.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: peak.append(peak_since(device, baseline)))
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: plain.append(plain_epoch()))
     baseline = reset_peak(device)
     engine.run()
     bundle = [ends[epoch + 1] - start for epoch, start in enumerate(starts)][warmup:]
@@ -201,15 +198,13 @@ def augment(image: torch.Tensor, pseudo: torch.Tensor | None) -> tuple[torch.Ten
     n = image.shape[0]
     flip = torch.rand(n) < 0.5
     turns = torch.where(torch.rand(n) < 0.5, torch.randint(1, 4, (n,)), 0)
-    image = image.clone()
-    pseudo = None if pseudo is None else pseudo.clone()
-    for i in range(n):
-        if not (flip[i] or turns[i]):
+    image, pseudo = image.clone(), None if pseudo is None else pseudo.clone()
+    for t in (image, pseudo):
+        if t is None:
             continue
-        for t in (image, pseudo):
-            if t is not None:
-                turned = t[i].flip(-2) if flip[i] else t[i]
-                t[i] = turned.rot90(int(turns[i]), (-2, -1))
+        t[flip] = t[flip].flip(-2)
+        for k in (1, 2, 3):
+            t[turns == k] = t[turns == k].rot90(k, (-2, -1))
     return image, pseudo
 
 

@@ -71,6 +71,10 @@ def top_k_mean(histogram: np.ndarray, k: int) -> float:
     return float((taken * np.arange(255, -1, -1)).sum() / (255.0 * total)) if total else 0.0
 
 
+TINT = 0.45 * np.array([255.0, 0.0, 0.0], np.float32)
+"""What the overlay adds to 0.55 x each tumour pixel: 45 % red."""
+
+
 def _overlay(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The thumbnail with the tumour mask (resized to it by nearest neighbour) tinted red and outlined.
 
@@ -83,10 +87,6 @@ def _overlay(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out[tumour] = (0.55 * out[tumour] + TINT).astype(np.uint8)
     out[find_boundaries(tumour, mode="inner")] = (200, 0, 0)
     return out
-
-
-TINT = 0.45 * np.array([255.0, 0.0, 0.0], np.float32)
-"""What the overlay adds to 0.55 x each tumour pixel: 45 % red."""
 
 
 def _nearest_index(size_in: int, size_out: int) -> np.ndarray:
