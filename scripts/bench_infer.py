@@ -30,9 +30,10 @@ inference.json; MONAI's network is wrapped in the same autocast), and records ea
 
 ``--scaling True`` measures how cost grows instead: the default slide and k x k mosaics of it (``--sizes``, tissue area
 multiples, perfect squares; default 1,4,16: the same tissue fraction, so about 1:4:16 tissue tiles) each inferred by
-this engine with every output (the ``ours_all_outputs`` row), one after another in this process after an untimed
-warm-up on the first. Each row has its own peak-memory window (``bench_train.reset_peak`` / ``peak_since``: the main
-process's resident set, the reader worker's own memory not included, as in the rows above) and the time per tile
+this engine with every output (the ``ours_all_outputs`` row), each in a fresh process after an untimed warm-up there
+on the 1x slide, so no row inherits another's heap. Each row has its own peak-memory window (``bench_train.reset_peak``
+/ ``peak_since``, opened after the warm-up: the main process's resident set, the reader worker's own memory not
+included, as in the rows above) and the time per tile
 against the first row's; the last line is ``scaling: time/tile <last>x vs <first>x = R, peak memory ... = M``.
 """
 
@@ -268,13 +269,10 @@ def run_scaling(size: int, sizes: int | str | tuple[int, ...], cache: Path, comm
     factors = _factors(sizes)
     slides = {f: scaled_slide(cache, size, f, gen_workers) for f in factors}  # generated before any timing
     level = common["level"]
-    if warmup:  # the first forward passes and the torch.fx fold pay one-off costs the first row should not carry
-        run_ours(slides[factors[0]], cache / "out_scaling_warmup", num_workers=num_workers, outputs=SLIDE_OUTPUTS,
-                 **(ours_opts or {}), **common)
     rows = []
     for factor in factors:
-        row = measure_scaled(slides[factor], cache / f"out_scaling_{factor}x", num_workers=num_workers,
-                             ours_opts=ours_opts, **common)
+        row = _child("scaled", slide=slides[factor], cache_dir=cache, size=size, num_workers=num_workers,
+                     warmup=warmup, **(ours_opts or {}), **common)
         with open_slide(slides[factor]) as s:
             row.update(factor=factor, slide_px=s.level_dimensions[0][0], level_px=s.level_dimensions[level][0])
         rows.append(row)
@@ -321,7 +319,8 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
           methods: str | tuple[str, ...] = METHODS, gen_workers: int = 2, json_out: str | None = None,
           generate_only: bool = False, scaling: bool = False, sizes: int | str | tuple[int, ...] = (1, 4, 16),
           warmup: bool = True, runtime: str = "auto", heap_reuse: bool = True) -> None:
-    """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim) runs one method (internal use).
+    """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim; scaled: one row of the scaling
+    table) runs one method (internal use).
 
     ``ckpt``: a checkpoint (e.g. the README's trained ``bundle/models/model.pt``, with ``--level`` matching its
     training resolution) instead of random weights, for maps with real tumour regions to outline; the network it
@@ -339,6 +338,12 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     if method is not None:
         path = Path(slide)
         out = Path(cache_dir) / f"out_{path.stem}_{method}"
+        if method == "scaled":  # one row of the scaling table, in a process of its own
+            if warmup:  # the first forward passes and the torch.fx fold pay one-off costs no row should carry
+                run_ours(scaled_slide(Path(cache_dir), size, 1), Path(cache_dir) / "out_scaling_warmup",
+                         num_workers=num_workers, outputs=SLIDE_OUTPUTS, **ours_opts, **common)
+            print(json.dumps(measure_scaled(path, out, num_workers, ours_opts, **common)))
+            return
         if method in ("ours", "ours_all"):
             outputs = SLIDE_OUTPUTS if method == "ours_all" else ("prob",)
             result = run_ours(path, out, num_workers=num_workers, outputs=outputs, **ours_opts, **common)

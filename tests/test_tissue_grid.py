@@ -183,3 +183,21 @@ def test_saturation_and_value_equal_skimage_hsv():
     np.testing.assert_allclose(saturation, hsv[..., 1], atol=1e-6)
     np.testing.assert_allclose(value, hsv[..., 2], atol=1e-6)
     assert saturation[0, 0] == saturation[0, 1] == saturation[0, 2] == 0.0
+
+
+def test_banded_otsu_equals_skimage_on_all_usable_pixels():
+    """The threshold gathered band by band is skimage's Otsu on every non-dark pixel's saturation at once."""
+    from skimage.filters import threshold_otsu
+
+    from custom.data import tissue as tissue_module
+
+    rng = np.random.default_rng(5)
+    rows = 3 * tissue_module._BAND_ROWS + 17  # several bands and a short last one
+    rgb = np.full((rows, 90, 3), 235, np.uint8)
+    rgb[: rows // 3] = rng.integers(0, 256, (rows // 3, 90, 3))  # coloured "tissue" in the first band only
+    rgb[-5:] = 10  # near-black fill, left out
+    saturation, value = saturation_value(rgb)
+    expected = threshold_otsu(saturation[value >= 0.15])
+    assert tissue_module._saturation_threshold(rgb, 0.15, 0.05) == max(expected, 0.05)
+    glass = np.full((rows, 40, 3), 228, np.uint8)  # no spread at all: the floor, in every band
+    assert tissue_module._saturation_threshold(glass, 0.15, 0.05) == 0.05

@@ -2,8 +2,9 @@
 """Outlines of a binary mask (tumour or tissue): polygons with holes, simplified, small pieces dropped, in level-0 px.
 
 Contours of a binary mask never cross, and marching squares orients them by what lies inside: outlines one way,
-holes the other. Each hole is given to the smallest outline that contains it (an R-tree query), so a noisy map
-with many thousands of rings costs ``n log n``, not the quadratic cost of overlaying every ring on every other.
+holes the other. Each 4-connected region is contoured on its own bounding box, so its holes are its own (an island
+inside a hole is a region of its own), and a noisy map with many thousands of regions costs their total size, not
+the quadratic cost of overlaying every ring on every other, nor a float copy of the whole map.
 
 Coordinates: the mask is ``(rows, cols)``; one mask pixel covers ``downsample`` x ``downsample`` level-0 pixels and
 its centre lies at level-0 ``((col + 0.5) * downsample, (row + 0.5) * downsample)``. Output polygons are level-0
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy import ndimage
 from shapely import STRtree
 from shapely.affinity import affine_transform
 from shapely.geometry import LinearRing, Point, Polygon
@@ -26,10 +28,13 @@ from custom.data.morphology import drop_small_pieces, fill_small_holes
 __all__ = ["mask_polygons", "outlines_and_holes", "simplify_polygon"]
 
 
-def _rings(mask: np.ndarray, min_area: float) -> tuple[list[Polygon], list[Polygon]]:
-    """Outlines and holes of the mask, in (col, row) pixel-centre coordinates, smaller than ``min_area`` dropped."""
+def _rings(piece: np.ndarray, min_area: float) -> tuple[list[Polygon], list[Polygon]]:
+    """Outlines and holes of a mask crop, in (col, row) pixel-centre coordinates, smaller than ``min_area`` dropped.
+
+    The padded crop goes to ``find_contours`` as uint8 (a view of the bool array), which makes the one float64 copy
+    marching squares needs: no float32 copy of our own beside it."""
     outlines, holes = [], []
-    for contour in find_contours(np.pad(mask, 1).astype(np.float32), 0.5):
+    for contour in find_contours(np.pad(piece, 1).view(np.uint8), 0.5):
         if len(contour) < 4:
             continue
         ring = LinearRing(contour[:, ::-1] - 1.0)
@@ -39,13 +44,30 @@ def _rings(mask: np.ndarray, min_area: float) -> tuple[list[Polygon], list[Polyg
     return outlines, holes
 
 
+def _with_holes(outlines: list[Polygon], holes: list[Polygon]) -> list[Polygon]:
+    """Each outline with the holes that lie in it: a hole goes to the smallest outline that contains it."""
+    if len(outlines) == 1:
+        return [Polygon(outlines[0].exterior, [hole.exterior for hole in holes])]
+    tree = STRtree(outlines)
+    owned: list[list] = [[] for _ in outlines]
+    for hole in holes:
+        # a vertex of the hole's own ring: inside every outline around the hole and outside any island within it
+        # (rings never touch), where the filled hole's representative point may fall on such an island
+        inside = tree.query(Point(hole.exterior.coords[0]), predicate="within")
+        if len(inside):
+            owned[min(inside, key=lambda i: outlines[i].area)].append(hole.exterior)
+    return [Polygon(outline.exterior, its_holes) for outline, its_holes in zip(outlines, owned)]
+
+
 def mask_polygons(
     mask: np.ndarray, downsample: float, min_area_px: float = 0.0, simplify_px: float = 1.0
 ) -> list[Polygon]:
     """Polygons (exterior + interior rings) of a boolean mask in level-0 pixels, largest first.
 
-    Only the bounding box of the tumour pixels (plus a one-pixel margin of background) is cleaned and contoured, so
-    a small tumour on a large map costs little.
+    Only the bounding box of the tumour pixels (plus a one-pixel margin of background) is cleaned, and each
+    4-connected region (the foreground connectivity of ``find_contours``) is contoured on its own bounding box, so
+    memory follows the largest region rather than the whole map: a noisy map of thousands of specks never holds a
+    float copy of the map, nor the raw contours of all of them at once.
 
     Args:
         mask: ``(rows, cols)`` boolean mask.
@@ -62,24 +84,15 @@ def mask_polygons(
     mask = mask[top : rows[-1] + 2, left : cols[-1] + 2]
     if min_pixels >= 1:  # cheap on pixels, and spares contouring thousands of specks
         mask = fill_small_holes(drop_small_pieces(mask, min_pixels), min_pixels, fill_border=False)
-    outlines, holes = _rings(mask, min_pixels)
-    if not outlines:
-        return []
-    tree = STRtree(outlines)
-    owned: list[list] = [[] for _ in outlines]
-    for hole in holes:
-        # a vertex of the hole's own ring: inside every outline around the hole and outside any island within it
-        # (rings never touch), where the filled hole's representative point may fall on such an island
-        inside = tree.query(Point(hole.exterior.coords[0]), predicate="within")
-        if len(inside):
-            owned[min(inside, key=lambda i: outlines[i].area)].append(hole.exterior)
-    to_level0 = [downsample, 0, 0, downsample, (left + 0.5) * downsample, (top + 0.5) * downsample]
+    labels, _ = ndimage.label(mask)
     polygons = []
-    for outline, its_holes in zip(outlines, owned):
-        polygon = affine_transform(
-            simplify_polygon(Polygon(outline.exterior, its_holes).buffer(0), simplify_px), to_level0
-        )
-        polygons += [g for g in getattr(polygon, "geoms", [polygon]) if isinstance(g, Polygon) and not g.is_empty]
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        outlines, holes = _rings(labels[box] == index, min_pixels)
+        row0, col0 = top + box[0].start, left + box[1].start
+        to_level0 = [downsample, 0, 0, downsample, (col0 + 0.5) * downsample, (row0 + 0.5) * downsample]
+        for polygon in _with_holes(outlines, holes):
+            simple = affine_transform(simplify_polygon(polygon.buffer(0), simplify_px), to_level0)
+            polygons += [g for g in getattr(simple, "geoms", [simple]) if isinstance(g, Polygon) and not g.is_empty]
     return sorted(polygons, key=lambda p: -p.area)
 
 

@@ -28,6 +28,8 @@ from custom.data.slide import ASSUMED_LEVEL0_MPP, Slide, level0_mpp, mpp_or_assu
 __all__ = ["TissueMask", "detect_tissue", "saturation_value"]
 
 _BLOCK_PIXELS = 2048  # level pixels read per block while building the thumbnail, bounds memory
+_BAND_ROWS = 256  # thumbnail rows whose float saturation and value planes exist at once
+_OTSU_BINS = 256  # threshold_otsu's default
 
 
 @dataclass
@@ -46,22 +48,27 @@ class TissueMask:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
     def box_fractions(self, x: np.ndarray, y: np.ndarray, width: np.ndarray, height: np.ndarray) -> np.ndarray:
-        """Tissue fraction of many level-0 boxes at once, from a summed-area table of the mask.
+        """Tissue fraction of many level-0 boxes at once, from the column sums of each band of mask rows they span.
 
-        A box covers every mask pixel it touches, so the fraction is over whole mask pixels.
+        A box covers every mask pixel it touches, so the fraction is over whole mask pixels. The boxes of a tile grid
+        share one band per row of tiles, so this is about one pass over the mask and holds one row of sums at a
+        time, never a summed-area table as large as the mask (4 bytes per pixel).
         """
         ds = self.downsample
         c0, r0 = np.floor(x / ds).astype(np.int64), np.floor(y / ds).astype(np.int64)
         c1 = np.maximum(np.ceil((x + width) / ds).astype(np.int64), c0 + 1)
         r1 = np.maximum(np.ceil((y + height) / ds).astype(np.int64), r0 + 1)
         rows, cols = self.mask.shape
-        dtype = np.int32 if rows * cols < 2**31 else np.int64  # half the memory of the table on any real slide
-        table = np.zeros((rows + 1, cols + 1), dtype=dtype)
-        np.cumsum(self.mask, axis=0, dtype=dtype, out=table[1:, 1:])
-        np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
         cr0, cr1 = np.clip(r0, 0, rows), np.clip(r1, 0, rows)
         cc0, cc1 = np.clip(c0, 0, cols), np.clip(c1, 0, cols)
-        inside = table[cr1, cc1] - table[cr0, cc1] - table[cr1, cc0] + table[cr0, cc0]
+        inside = np.zeros(len(cr0), np.int64)
+        bands, band_of = np.unique(np.stack([cr0, cr1], axis=1), axis=0, return_inverse=True)
+        band_of = band_of.ravel()
+        for index, (top, bottom) in enumerate(bands):
+            boxes = np.flatnonzero(band_of == index)
+            prefix = np.zeros(cols + 1, np.int64)
+            np.cumsum(self.mask[top:bottom].sum(axis=0), out=prefix[1:])
+            inside[boxes] = prefix[cc1[boxes]] - prefix[cc0[boxes]]
         return inside / ((r1 - r0) * (c1 - c0))
 
 
@@ -99,11 +106,46 @@ def saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return saturation, np.divide(high, 255.0, dtype=np.float32)
 
 
-def _saturation_threshold(saturation: np.ndarray, min_saturation: float) -> float:
-    """Otsu threshold of the saturation, floored so glass-only (or constant) images yield no tissue."""
-    if saturation.size == 0 or np.ptp(saturation) < 1e-3:
+def _bands(image: np.ndarray) -> list[slice]:
+    """Row bands of the thumbnail: its float planes exist one band at a time, never for the whole slide."""
+    return [slice(row, row + _BAND_ROWS) for row in range(0, image.shape[0], _BAND_ROWS)]
+
+
+def _usable_saturation(rgb: np.ndarray, dark_value: float) -> np.ndarray:
+    """Saturation of the pixels bright enough to be judged (near-black is never tissue), flattened."""
+    saturation, value = saturation_value(rgb)
+    return saturation[value >= dark_value]
+
+
+def _saturation_threshold(thumbnail: np.ndarray, dark_value: float, min_saturation: float) -> float:
+    """Otsu threshold of the usable pixels' saturation, floored so glass-only (or constant) images yield no tissue.
+
+    The 256-bin histogram is gathered band by band over the range of all usable pixels, with the bin edges numpy
+    gives ``threshold_otsu``: the same threshold as on one array of them all, without that array.
+    """
+    low, high, count = None, None, 0
+    for band in _bands(thumbnail):
+        values = _usable_saturation(thumbnail[band], dark_value)
+        if values.size:
+            low = values.min() if low is None else min(low, values.min())
+            high = values.max() if high is None else max(high, values.max())
+            count += values.size
+    if count == 0 or high - low < 1e-3:
         return min_saturation
-    return max(float(threshold_otsu(saturation)), min_saturation)
+    counts = np.zeros(_OTSU_BINS, np.int64)
+    for band in _bands(thumbnail):
+        counts += np.histogram(_usable_saturation(thumbnail[band], dark_value), _OTSU_BINS, (low, high))[0]
+    edges = np.histogram(np.array([low, high]), _OTSU_BINS, (low, high))[1]
+    return max(float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2.0))), min_saturation)
+
+
+def _tissue_pixels(thumbnail: np.ndarray, threshold: float, dark_value: float) -> np.ndarray:
+    """Pixels more saturated than ``threshold`` and not near-black, band by band."""
+    tissue = np.empty(thumbnail.shape[:2], bool)
+    for band in _bands(thumbnail):
+        saturation, value = saturation_value(thumbnail[band])
+        np.logical_and(saturation > threshold, value >= dark_value, out=tissue[band])
+    return tissue
 
 
 def detect_tissue(
@@ -141,14 +183,9 @@ def detect_tissue(
     read_level, factor = _working_resolution(slide, mpp, level, base_mpp)
     thumbnail = _thumbnail(slide, read_level, factor)
     downsample = slide.level_downsamples[read_level] * factor
-    saturation, value = saturation_value(thumbnail)
-    usable = value >= dark_value
-    del value  # the float planes are the peak memory of a large slide's tissue mask: free each once used
-    used = _saturation_threshold(saturation[usable], min_saturation) if threshold is None else float(threshold)
+    used = _saturation_threshold(thumbnail, dark_value, min_saturation) if threshold is None else float(threshold)
     pixel_um2 = (base_mpp * downsample) ** 2
-    tissue = (saturation > used) & usable
-    del saturation, usable
-    found = closing(tissue, disk(2))
+    found = closing(_tissue_pixels(thumbnail, used, dark_value), disk(2))
     mask = fill_small_holes(found, int(max_hole_um2 / pixel_um2))
     mask = drop_small_pieces(mask, int(min_area_um2 / pixel_um2))
     reason = "" if mask.any() else _empty_reason(slide.path, found, pixel_um2, min_area_um2, used)

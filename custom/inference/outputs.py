@@ -73,19 +73,27 @@ def top_k_mean(histogram: np.ndarray, k: int) -> float:
 
 TINT = 0.45 * np.array([255.0, 0.0, 0.0], np.float32)
 """What the overlay adds to 0.55 x each tumour pixel: 45 % red."""
+_OVERLAY_ROWS = 512  # thumbnail rows tinted at once: their float pixels are the overlay's largest temporaries
 
 
 def _overlay(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The thumbnail with the tumour mask (resized to it by nearest neighbour) tinted red and outlined.
 
-    In uint8 and bool throughout, floats only for the tinted pixels: the thumbnail grows with the slide's area (the
-    tissue detector's fixed resolution), and a float copy of it was the largest allocation of a slide's outputs."""
+    In bands of rows, uint8 and bool throughout: the thumbnail grows with the slide's area (the tissue detector's
+    fixed resolution), so only the copy returned is thumbnail-sized. Each band is outlined with one row of its
+    neighbours around it, so its outline is the one of the whole picture."""
     rows = _nearest_index(mask.shape[0], thumbnail.shape[0])
     cols = _nearest_index(mask.shape[1], thumbnail.shape[1])
-    tumour = mask[rows[:, None], cols[None, :]]
     out = thumbnail.copy()
-    out[tumour] = (0.55 * out[tumour] + TINT).astype(np.uint8)
-    out[find_boundaries(tumour, mode="inner")] = (200, 0, 0)
+    for start in range(0, len(rows), _OVERLAY_ROWS):
+        stop = min(start + _OVERLAY_ROWS, len(rows))
+        above = max(start - 1, 0)
+        tumour = mask[rows[above : stop + 1, None], cols[None, :]]
+        core = slice(start - above, start - above + stop - start)
+        edge = find_boundaries(tumour, mode="inner")[core]
+        tumour, band = tumour[core], out[start:stop]
+        band[tumour] = (0.55 * band[tumour] + TINT).astype(np.uint8)
+        band[edge] = (200, 0, 0)
     return out
 
 
