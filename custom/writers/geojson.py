@@ -20,32 +20,38 @@ from shapely.geometry import Polygon, mapping
 __all__ = ["qupath_features", "write_qupath_geojson"]
 
 
+def _feature(polygon: Polygon, name: str, color: Sequence[int], properties: Mapping[str, Any] | None) -> dict:
+    """One QuPath annotation: the polygon classified as ``name``, with ``properties`` shown as measurements."""
+    return {
+        "type": "Feature",
+        "geometry": mapping(polygon),
+        "properties": {"objectType": "annotation", "classification": {"name": name, "color": list(color)},
+                       **(properties or {})},
+    }
+
+
 def qupath_features(
     polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0),
     properties: Mapping[str, Any] | None = None,
 ) -> dict:
     """A FeatureCollection with one annotation per polygon, classified as ``name``, with ``properties`` added to each
     (e.g. the tissue detection's threshold) so QuPath shows them as measurements."""
-    features = [
-        {
-            "type": "Feature",
-            "geometry": mapping(polygon),
-            "properties": {
-                "objectType": "annotation",
-                "classification": {"name": name, "color": list(color)},
-                **(properties or {}),
-            },
-        }
-        for polygon in polygons
-    ]
-    return {"type": "FeatureCollection", "features": features}
+    return {"type": "FeatureCollection", "features": [_feature(p, name, color, properties) for p in polygons]}
 
 
 def write_qupath_geojson(
     path: str | os.PathLike, polygons: Sequence[Polygon], name: str = "Tumor", color: Sequence[int] = (200, 0, 0),
     properties: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``polygons`` (level-0 ``(x, y)``) as a QuPath GeoJSON FeatureCollection; none gives an empty one."""
+    """Write ``polygons`` (level-0 ``(x, y)``) as a QuPath GeoJSON FeatureCollection; none gives an empty one.
+
+    Streamed one feature at a time (the bytes ``json.dumps`` of :func:`qupath_features` gives): a noisy map's
+    thousands of outlines never exist as one document in memory."""
     path = Path(path)
-    path.write_text(json.dumps(qupath_features(polygons, name, color, properties)))
+    with path.open("w") as f:
+        f.write('{"type": "FeatureCollection", "features": [')
+        for index, polygon in enumerate(polygons):
+            f.write(", " if index else "")
+            json.dump(_feature(polygon, name, color, properties), f)
+        f.write("]}")
     return path
