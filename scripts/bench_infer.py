@@ -33,8 +33,10 @@ multiples, perfect squares; default 1,4,16: the same tissue fraction, so about 1
 this engine with every output (the ``ours_all_outputs`` row), each in a fresh process after an untimed warm-up there
 on the 1x slide, so no row inherits another's heap. Each row has its own peak-memory window (``bench_train.reset_peak``
 / ``peak_since``, opened after the warm-up: the main process's resident set, the reader worker's own memory not
-included, as in the rows above) and the time per tile
-against the first row's; the last line is ``scaling: time/tile <last>x vs <first>x = R, peak memory ... = M``.
+included, as in the rows above) and the time per tile against the first row's. Each row is ``--repeats`` such runs
+(default 3): the run of median wall, with the median and the range of their peaks, since heap reuse makes the peak
+swing by hundreds of MB between identical runs. The last line is ``scaling: time/tile <last>x vs <first>x = R, peak
+memory ... = M`` (medians).
 """
 
 from __future__ import annotations
@@ -228,6 +230,7 @@ SCALE_COLUMNS = [
     Column("s/1k tiles", float_format=".2f"),
     Column("start RSS MB", float_format=".0f"),
     Column("peak RSS MB", float_format=".0f"),
+    Column("peak range", align="<"),
     Column("tile ratio", float_format=".2f"),
     Column("time ratio", float_format=".2f"),
     Column("time/tile", float_format=".2f"),
@@ -262,17 +265,28 @@ def measure_scaled(slide_path: Path, out: Path, num_workers: int, ours_opts: dic
     return result
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One row from ``repeats`` runs of it: the run of median wall time, with the median peak memory beside the
+    spread of every run's (heap reuse makes the peak swing between identical runs, the wall far less)."""
+    row = dict(sorted(runs, key=lambda run: run["timings"]["wall"])[len(runs) // 2])
+    peaks = [run["peak_rss_mb"] for run in runs]
+    row.update(peak_rss_mb=float(np.median(peaks)), peak_rss_runs_mb=peaks,
+               wall_runs_s=[run["timings"]["wall"] for run in runs])
+    return row
+
+
 def run_scaling(size: int, sizes: int | str | tuple[int, ...], cache: Path, common: dict, num_workers: int,
                 gen_workers: int = 2, warmup: bool = True, json_out: str | None = None,
-                ours_opts: dict | None = None) -> list[dict]:
-    """Print how wall time and peak memory grow with the tissue: one row per area factor, ratios to the first."""
+                ours_opts: dict | None = None, repeats: int = 3) -> list[dict]:
+    """Print how wall time and peak memory grow with the tissue: one row per area factor (the median of ``repeats``
+    fresh-process runs), ratios to the first."""
     factors = _factors(sizes)
     slides = {f: scaled_slide(cache, size, f, gen_workers) for f in factors}  # generated before any timing
     level = common["level"]
     rows = []
     for factor in factors:
-        row = _child("scaled", slide=slides[factor], cache_dir=cache, size=size, num_workers=num_workers,
-                     warmup=warmup, **(ours_opts or {}), **common)
+        row = _median_run([_child("scaled", slide=slides[factor], cache_dir=cache, size=size, num_workers=num_workers,
+                                  warmup=warmup, **(ours_opts or {}), **common) for _ in range(max(1, repeats))])
         with open_slide(slides[factor]) as s:
             row.update(factor=factor, slide_px=s.level_dimensions[0][0], level_px=s.level_dimensions[level][0])
         rows.append(row)
@@ -285,11 +299,13 @@ def run_scaling(size: int, sizes: int | str | tuple[int, ...], cache: Path, comm
         row.update(tile_ratio=tiles, time_ratio=wall, time_per_tile_ratio=wall / tiles)
         table.append([f"{row['factor']}x", row["slide_px"], row["level_px"], row["n_tiles"], row["timings"]["wall"],
                       1000 * row["timings"]["wall"] / row["n_tiles"], row["start_rss_mb"], row["peak_rss_mb"],
+                      "-".join(f"{m:.0f}" for m in (min(row["peak_rss_runs_mb"]), max(row["peak_rss_runs_mb"]))),
                       tiles, wall, wall / tiles] + ([row["peak_gpu_mb"]] if "peak_gpu_mb" in row else []))
     print(f"ours with every output, level {level}, {common['tile']} px tiles (overlap {common['overlap']}), DWS-MIL "
           f"width {_width(common['width'], common['ckpt'])}, batch {common['batch_size']}, {common['threads']} torch "
           f"threads, {num_workers} reader worker(s), device {common['device']}; larger slides are k x k mosaics of "
-          f"the {size} px one; ratios against the {factors[0]}x row")
+          f"the {size} px one; each row the median of {max(1, repeats)} runs in fresh processes (peak RSS: their "
+          f"median and range); ratios against the {factors[0]}x row")
     print(format_table(columns, table, sep="  "))
     last = rows[-1]
     memory = last["peak_rss_mb"] / first["peak_rss_mb"]
@@ -318,7 +334,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
           ours_tif: str | None = None, device: str = "cpu", amp: bool = True,
           methods: str | tuple[str, ...] = METHODS, gen_workers: int = 2, json_out: str | None = None,
           generate_only: bool = False, scaling: bool = False, sizes: int | str | tuple[int, ...] = (1, 4, 16),
-          warmup: bool = True, runtime: str = "auto", heap_reuse: bool = True) -> None:
+          warmup: bool = True, runtime: str = "auto", heap_reuse: bool = True, repeats: int = 3) -> None:
     """Print the comparison table; ``method`` (ours / ours_all / openslide / cucim; scaled: one row of the scaling
     table) runs one method (internal use).
 
@@ -328,7 +344,8 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
     method's network runs; ``amp``: float16 autocast on a GPU. ``methods``: the rows run (``ours`` first, and at
     least one MONAI row). ``gen_workers``: processes rendering the synthetic slide when it is not cached;
     ``generate_only``: generate (or find) the cached slide and stop. ``scaling``: the scaling table instead (ours
-    with every output on ``sizes`` x the tissue, ``warmup``: an untimed run first); ``generate_only`` then generates
+    with every output on ``sizes`` x the tissue, each row the median of ``repeats`` runs, ``warmup``: an untimed run
+    first in each); ``generate_only`` then generates
     every slide of ``sizes``. ``runtime`` / ``heap_reuse``: this engine's network runtime and heap reuse
     (inference.json's knobs of those names).
     """
@@ -367,7 +384,7 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
             print(f"slide {scaled_slide(cache, size, factor, gen_workers)} ready")
         return
     if scaling:
-        run_scaling(size, sizes, cache, common, num_workers, gen_workers, warmup, json_out, ours_opts)
+        run_scaling(size, sizes, cache, common, num_workers, gen_workers, warmup, json_out, ours_opts, repeats)
         return
     started = time.perf_counter()
     slide_path = make_slide(cache / f"bench_{size}.tif", size, workers=gen_workers)

@@ -22,7 +22,7 @@ def _bench_module(monkeypatch):
 
 def test_scaling_rows_grow_with_the_tissue(tmp_path, monkeypatch, capsys):
     bench = _bench_module(monkeypatch).bench
-    bench(scaling=True, sizes="1,4", size=512, level=0, tile=128, overlap=16, warmup=False,
+    bench(scaling=True, sizes="1,4", size=512, level=0, tile=128, overlap=16, warmup=False, repeats=2,
           cache_dir=str(tmp_path), json_out=str(tmp_path / "scaling.json"))
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("tissue "))
@@ -32,13 +32,17 @@ def test_scaling_rows_grow_with_the_tissue(tmp_path, monkeypatch, capsys):
     slide_px, tiles = [int(row[1]) for row in rows], [int(row[3]) for row in rows]
     assert slide_px == [512, 1024]
     assert 0 < tiles[0] and 3 * tiles[0] <= tiles[1] <= 5 * tiles[0]  # a 2x2 mosaic: about 4x the tissue tiles
-    assert all(float(cell) > 0 for row in rows for cell in row[4:])
+    assert all(float(cell) > 0 for row in rows for cell in row[4:8] + row[9:])
+    low, high = (float(m) for m in rows[0][8].split("-"))  # the range of the two runs' peaks holds their median
+    assert low <= float(rows[0][7]) <= high
     assert rows[0][-3:] == ["1.00", "1.00", "1.00"]
     summary = re.fullmatch(r"scaling: time/tile 4x vs 1x = (\d+\.\d\d), peak memory 4x vs 1x = (\d+\.\d\d)", lines[-1])
     assert summary and float(summary[1]) > 0 and float(summary[2]) > 0
     record = json.loads((tmp_path / "scaling.json").read_text())
     assert [row["n_tiles"] for row in record["rows"]] == tiles
     assert all(row["peak_rss_mb"] >= row["start_rss_mb"] > 0 for row in record["rows"])  # one window per row
+    assert all(len(row["peak_rss_runs_mb"]) == len(row["wall_runs_s"]) == 2 for row in record["rows"])
+    assert all(row["timings"]["wall"] in row["wall_runs_s"] for row in record["rows"])  # a measured run, not a mix
 
 
 def test_sizes_are_square_area_factors(monkeypatch):
