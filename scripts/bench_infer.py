@@ -254,7 +254,7 @@ def scaled_slide(cache: Path, size: int, factor: int, gen_workers: int = 2) -> P
 
 def measure_scaled(slide_path: Path, out: Path, num_workers: int, ours_opts: dict | None = None, **common) -> dict:
     """One row of the scaling table: ours with every output, inside its own peak-memory window (RSS; GPU too)."""
-    gc.collect()  # the previous row's objects go before the window opens
+    gc.collect()  # the warm-up's objects go before the window opens
     gpu = torch.device(common["device"]) if torch.device(common["device"]).type == "cuda" else None
     rss_start = reset_peak(torch.device("cpu"))
     gpu_start = reset_peak(gpu) if gpu else 0.0

@@ -18,9 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
-from shapely import STRtree
 from shapely.affinity import affine_transform
-from shapely.geometry import LinearRing, Point, Polygon
+from shapely.geometry import LinearRing, Polygon
 from skimage.measure import find_contours
 
 from custom.data.morphology import drop_small_pieces, fill_small_holes
@@ -28,35 +27,25 @@ from custom.data.morphology import drop_small_pieces, fill_small_holes
 __all__ = ["mask_polygons", "outlines_and_holes", "simplify_polygon"]
 
 
-def _rings(piece: np.ndarray, min_area: float) -> tuple[list[Polygon], list[Polygon]]:
-    """Outlines and holes of a mask crop, in (col, row) pixel-centre coordinates, smaller than ``min_area`` dropped.
+def _region_polygon(piece: np.ndarray, min_area: float) -> Polygon | None:
+    """The outline of one 4-connected region with its holes, in (col, row) pixel-centre coordinates of its crop;
+    None when the region (or a hole) is smaller than ``min_area`` (such a hole is left filled).
 
-    The padded crop goes to ``find_contours`` as uint8 (a view of the bool array), which makes the one float64 copy
-    marching squares needs: no float32 copy of our own beside it."""
-    outlines, holes = [], []
+    ``find_contours`` joins foreground pixels by their faces, as ``ndimage.label`` does, so a region has exactly one
+    outline (counter-clockwise) and every clockwise contour is one of its holes. The padded crop goes to it as uint8
+    (a view of the bool array), which makes the one float64 copy marching squares needs: none of our own beside it."""
+    outline, holes = None, []
     for contour in find_contours(np.pad(piece, 1).view(np.uint8), 0.5):
         if len(contour) < 4:
             continue
         ring = LinearRing(contour[:, ::-1] - 1.0)
-        polygon = Polygon(ring)
-        if polygon.area >= max(min_area, 1e-9):
-            (outlines if ring.is_ccw else holes).append(polygon)
-    return outlines, holes
-
-
-def _with_holes(outlines: list[Polygon], holes: list[Polygon]) -> list[Polygon]:
-    """Each outline with the holes that lie in it: a hole goes to the smallest outline that contains it."""
-    if len(outlines) == 1:
-        return [Polygon(outlines[0].exterior, [hole.exterior for hole in holes])]
-    tree = STRtree(outlines)
-    owned: list[list] = [[] for _ in outlines]
-    for hole in holes:
-        # a vertex of the hole's own ring: inside every outline around the hole and outside any island within it
-        # (rings never touch), where the filled hole's representative point may fall on such an island
-        inside = tree.query(Point(hole.exterior.coords[0]), predicate="within")
-        if len(inside):
-            owned[min(inside, key=lambda i: outlines[i].area)].append(hole.exterior)
-    return [Polygon(outline.exterior, its_holes) for outline, its_holes in zip(outlines, owned)]
+        if Polygon(ring).area < max(min_area, 1e-9):
+            continue
+        if ring.is_ccw:
+            outline = ring
+        else:
+            holes.append(ring)
+    return None if outline is None else Polygon(outline, holes)
 
 
 def mask_polygons(
@@ -87,12 +76,13 @@ def mask_polygons(
     labels, _ = ndimage.label(mask)
     polygons = []
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        outlines, holes = _rings(labels[box] == index, min_pixels)
+        polygon = _region_polygon(labels[box] == index, min_pixels)
+        if polygon is None:
+            continue
         row0, col0 = top + box[0].start, left + box[1].start
         to_level0 = [downsample, 0, 0, downsample, (col0 + 0.5) * downsample, (row0 + 0.5) * downsample]
-        for polygon in _with_holes(outlines, holes):
-            simple = affine_transform(simplify_polygon(polygon.buffer(0), simplify_px), to_level0)
-            polygons += [g for g in getattr(simple, "geoms", [simple]) if isinstance(g, Polygon) and not g.is_empty]
+        simple = affine_transform(simplify_polygon(polygon.buffer(0), simplify_px), to_level0)
+        polygons += [g for g in getattr(simple, "geoms", [simple]) if isinstance(g, Polygon) and not g.is_empty]
     return sorted(polygons, key=lambda p: -p.area)
 
 

@@ -89,7 +89,7 @@ def _overlay(thumbnail: np.ndarray, mask: np.ndarray) -> np.ndarray:
         stop = min(start + _OVERLAY_ROWS, len(rows))
         above = max(start - 1, 0)
         tumour = mask[rows[above : stop + 1, None], cols[None, :]]
-        core = slice(start - above, start - above + stop - start)
+        core = slice(start - above, stop - above)
         edge = find_boundaries(tumour, mode="inner")[core]
         tumour, band = tumour[core], out[start:stop]
         band[tumour] = (0.55 * band[tumour] + TINT).astype(np.uint8)
