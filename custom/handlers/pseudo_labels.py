@@ -29,10 +29,14 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["PseudoLabelHandler", "MANIFEST_NAME", "MANIFEST_FIELDS"]
+__all__ = ["PseudoLabelHandler", "MANIFEST_NAME", "MANIFEST_FIELDS", "CALIBRATION_GRID", "calibrated_threshold",
+           "false_positive_curve"]
 
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_FIELDS = ("name", "image", "label", "png", "nifti", "round", "epoch", "mean_prob")
+# thresholds a calibration may choose: never below the method's 0.5, in steps of 0.01
+CALIBRATION_GRID = np.round(np.arange(0.50, 1.0, 0.01), 2)
+FP_CURVE_KEY = "_fp_curve"
 
 
 class PseudoLabelHandler:
@@ -66,6 +70,9 @@ class PseudoLabelHandler:
         inferer: how the teacher runs on a batch, default ``SimpleInferer()``.
         name_key: batch key of the image names.
         label_key: batch key of the image-level labels.
+        fp_budget: mean false-positive area on the training negatives the calibrated threshold allows, in (0, 1);
+            None leaves the targets at the teacher's 0.5.
+        loss: the stage-2 loss whose ``target_threshold`` a calibration sets; needed with ``fp_budget``.
     """
 
     def __init__(
@@ -75,7 +82,17 @@ class PseudoLabelHandler:
         inferer: Inferer | None = None,
         name_key: str = "name",
         label_key: str = "label",
+        fp_budget: float | None = None,
+        loss: Any = None,
     ) -> None:
+        if fp_budget is not None:
+            if not 0.0 < fp_budget < 1.0:
+                raise ValueError(f"fp_budget must lie in (0, 1) or be None, got {fp_budget}.")
+            if not hasattr(loss, "target_threshold"):
+                raise ValueError("fp_budget needs the stage-2 loss (with a target_threshold attribute) as loss=.")
+        self.fp_budget = fp_budget
+        self.loss = loss
+        self.threshold: float | None = None
         self.data_loader = data_loader
         self.output_dir = os.fspath(output_dir)
         self.inferer = SimpleInferer() if inferer is None else inferer
@@ -109,7 +126,41 @@ class PseudoLabelHandler:
                 f"pseudo-labels round {self.round}: {len(ordered)} maps written by {world_size()} rank(s) to "
                 f"{self.output_dir} ({', '.join(str(len(s)) for s in shards)} per rank)"
             )
+            if self.fp_budget is not None:
+                self.threshold = self._calibrate(ordered)
+        if self.fp_budget is not None:
+            self._share_threshold()
         barrier()
+
+    def _calibrate(self, rows: list[dict[str, Any]]) -> float:
+        """The round's calibrated threshold from the negatives' false-positive curves, logged with its evidence."""
+        curves = [row[FP_CURVE_KEY] for row in rows if row["label"] == 0]
+        if not curves:
+            raise ValueError(
+                f"fp_budget {self.fp_budget} calibrates on the training negatives, but none of the {len(rows)} "
+                "training images is negative; set pseudo_fp_budget to null."
+            )
+        mean_curve = np.mean(curves, axis=0)
+        threshold = calibrated_threshold(mean_curve, self.fp_budget)
+        if mean_curve[-1] > self.fp_budget:
+            self.logger.warning(
+                f"pseudo-labels round {self.round}: the teacher calls {mean_curve[-1]:.4f} of the training negatives "
+                f"even at {CALIBRATION_GRID[-1]:.2f}, above the budget {self.fp_budget}; using {threshold:.2f}."
+            )
+        self.logger.info(
+            f"pseudo-labels round {self.round}: target threshold {threshold:.2f} calibrated on {len(curves)} training "
+            f"negatives (their false-positive area {mean_curve[0]:.4f} at 0.50, "
+            f"{mean_curve[CALIBRATION_GRID.searchsorted(threshold)]:.4f} at {threshold:.2f}; budget {self.fp_budget})"
+        )
+        return threshold
+
+    def _share_threshold(self) -> None:
+        """Every rank takes rank 0's threshold and hands it to the loss."""
+        if world_size() > 1:
+            box = [self.threshold]
+            dist.broadcast_object_list(box, src=0)
+            self.threshold = box[0]
+        self.loss.target_threshold = self.threshold
 
     def write(self, teacher: torch.nn.Module, device: torch.device | str, epoch: int = 0) -> list[dict[str, Any]]:
         """Run ``teacher`` (eval, no grad) over the data, write the maps and the manifest; return its rows."""
@@ -134,7 +185,7 @@ class PseudoLabelHandler:
     def write_manifest(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """``manifest.csv``: one row per map, columns ``MANIFEST_FIELDS``."""
         with open(os.path.join(self.output_dir, MANIFEST_NAME), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 
@@ -162,6 +213,7 @@ class PseudoLabelHandler:
             "round": self.round,
             "epoch": epoch,
             "mean_prob": float(prob.mean()),
+            FP_CURVE_KEY: false_positive_curve(prob) if label == 0 and self.fp_budget is not None else None,
         }
 
     def state_dict(self) -> dict[str, int]:
@@ -171,6 +223,19 @@ class PseudoLabelHandler:
     def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
         """Restore the round saved by :meth:`state_dict`."""
         self.round = int(state_dict["round"])
+
+
+def false_positive_curve(prob: np.ndarray) -> np.ndarray:
+    """Share of a negative map's pixels at or above each threshold of ``CALIBRATION_GRID``."""
+    flat = np.sort(np.asarray(prob, dtype=np.float32).ravel())
+    below = np.searchsorted(flat, CALIBRATION_GRID.astype(np.float32), side="left")
+    return (flat.size - below) / flat.size
+
+
+def calibrated_threshold(mean_curve: np.ndarray, fp_budget: float) -> float:
+    """The lowest grid threshold whose mean false-positive area is within the budget (the grid's last if none is)."""
+    within = np.flatnonzero(np.asarray(mean_curve) <= fp_budget)
+    return float(CALIBRATION_GRID[within[0]] if within.size else CALIBRATION_GRID[-1])
 
 
 def _check_written_once(rows: list[dict[str, Any]]) -> None:

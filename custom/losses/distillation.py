@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.utils.enums import CommonKeys as Keys
 from torch.nn.modules.loss import _Loss
@@ -27,6 +29,11 @@ class DistillationLoss(_Loss):
       Positive images learn the teacher's map; negative images learn an all-zero mask whatever the teacher says,
       scored as in stage 1 on the inverted maps (``1 - p`` against all ones), since Dice to an empty mask is flat.
     - ``L_wce``: :class:`WeightedCELoss` between the student's fused map and the same (negatives: zero) target.
+    - Calibrated targets (off by default, ``target_threshold=None``): with a threshold ``T`` every teacher map is
+      recentred, ``t' = sigmoid(logit(t) - logit(T))``, before both terms see it, so that the teacher's calls start at
+      ``T`` instead of 0.5 while its confidence ordering is kept; ``T = 0.5`` changes nothing.
+      :class:`custom.handlers.PseudoLabelHandler` sets it from the teacher's false calls on the training negatives
+      (``fp_budget``), without a mask. Strong images' masks (0 or 1) are unchanged by it.
     - ``L_mil`` (off by default, ``lambda_mil=0``): stage 1's own loss on the student, :class:`MILPoolingLoss`
       (BCE of the generalised-mean score, r = 4, of every student map against the image label). The image label is
       the one thing in stage 2 that is not the teacher's guess; on a negative image this term is as steep in the
@@ -46,6 +53,8 @@ class DistillationLoss(_Loss):
         smooth: Dice numerator and denominator smoothing.
         lambda_mil: weight of ``L_mil``; 0 leaves the method as specified.
         mil_r: generalised-mean exponent of ``L_mil`` (stage 1's ``r``).
+        target_threshold: the teacher probability that becomes the targets' 0.5, in (0, 1); None leaves the maps as
+            they are (the method as specified).
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class DistillationLoss(_Loss):
         smooth: float = 1.0,
         lambda_mil: float = 0.0,
         mil_r: float = 4.0,
+        target_threshold: float | None = None,
     ) -> None:
         super().__init__()
         if target not in TARGETS:
@@ -70,6 +80,18 @@ class DistillationLoss(_Loss):
         self.target = target
         self.smooth = smooth
         self.wce = WeightedCELoss(threshold=wce_threshold)
+        self.target_threshold = target_threshold
+
+    @property
+    def target_threshold(self) -> float | None:
+        """The teacher probability that the targets recentre to 0.5 (None: targets as the teacher gives them)."""
+        return self._target_threshold
+
+    @target_threshold.setter
+    def target_threshold(self, value: float | None) -> None:
+        if value is not None and not 0.0 < float(value) < 1.0:
+            raise ValueError(f"target_threshold must lie in (0, 1) or be None, got {value}.")
+        self._target_threshold = None if value is None else float(value)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Scalar total loss; see :meth:`components` for the arguments."""
@@ -87,13 +109,20 @@ class DistillationLoss(_Loss):
             for logging; ``L_mil`` is 0 when ``lambda_mil`` is 0).
         """
         positive = self._positive_mask(label, student)
-        target = self._dice_target(student, teacher.to(student.dtype)) * positive
+        target = self._dice_target(student, self.recentre(teacher.to(student.dtype))) * positive
         foreground = torch.where(positive, student, 1.0 - student)
         kd = soft_dice_loss(foreground, torch.where(positive, target, torch.ones_like(student)), self.smooth).mean()
         wce = self.wce(student[:, -1:], target[:, -1:]) if self.use_wce else kd.new_zeros(())
         mil = self.mil(student, label.to(student.device)) if self.lambda_mil > 0 else kd.new_zeros(())
         total = kd + self.lambda_wce * wce + self.lambda_mil * mil
         return {Keys.LOSS: total, "loss_kd": kd, "loss_wce": wce, "loss_mil": mil}
+
+    def recentre(self, teacher: torch.Tensor) -> torch.Tensor:
+        """The teacher's maps with ``target_threshold`` moved to 0.5 (unchanged when it is None); 0 and 1 stay."""
+        if self._target_threshold is None:
+            return teacher
+        shift = math.log(self._target_threshold / (1.0 - self._target_threshold))
+        return torch.sigmoid(torch.logit(teacher.float(), eps=1e-6) - shift).to(teacher.dtype)
 
     def _dice_target(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """The teacher map each student channel learns, broadcast to the student's shape."""
