@@ -21,6 +21,7 @@ from monai.handlers import MetricLogger
 from custom import tables
 from custom.checkpoints import RECORD_KEY, WEIGHTS_KEY, TrainingRecord
 from custom.engines.evaluation import selection_evaluator, selection_key
+from custom.handlers.pseudo_labels import PseudoLabelHandler
 from custom.handlers.role_swap import RoleSwapHandler
 from custom.metrics import METRIC_KEYS, evaluate_baselines
 from custom.metrics.segmentation import summarise_scores
@@ -211,6 +212,8 @@ class TrainingReport:
         teacher: stage 2's teacher at the end of the run.
         student: stage 2's student; loaded with the distilled model before it is evaluated.
         role_swap: stage 2's ``RoleSwapHandler`` (its rounds and best student).
+        pseudo_labels: stage 2's ``PseudoLabelHandler``; its target calibrations (``pseudo_fp_budget``), one per
+            pseudo-label round, go into ``metrics.json`` as ``target_calibration`` (empty when it is off).
         test_loader: batches of the test split (image, mask, label, name), normalised.
         test_display: the same items in [0, 1], index-aligned with ``test_loader.dataset``.
         stage1_history, stage2_history: the stages' ``MetricLogger`` (training curves).
@@ -256,6 +259,7 @@ class TrainingReport:
         threshold: float = 0.5,
         n_overlays: int = 6,
         record: TrainingRecord | None = None,
+        pseudo_labels: PseudoLabelHandler | None = None,
     ) -> None:
         self.output_dir, self.ckpt_dir = Path(output_dir), Path(ckpt_dir)
         self.stage1_teacher, self.teacher, self.student, self.role_swap = stage1_teacher, teacher, student, role_swap
@@ -268,6 +272,7 @@ class TrainingReport:
         self.swap_margin, self.test_subsets = swap_margin, test_subsets
         self.amp, self.smooth_sigma, self.threshold, self.n_overlays = amp, smooth_sigma, threshold, n_overlays
         self.record = record
+        self.pseudo_labels = pseudo_labels
 
     def save_model(self, weights: dict[str, torch.Tensor], source: str, val_score: float | None) -> Path:
         """Write ``model.pt`` (and, with a record, ``model_metadata.json``); return its path."""
@@ -316,6 +321,7 @@ class TrainingReport:
             "student_model": {"source": distilled_source, "val_score": distilled_score},
             "final_model": {"source": source, "val_score": val_score, "path": str(ckpt_dir / "model.pt")},
             "rounds": role_swap.rounds,
+            "target_calibration": self.pseudo_labels.calibrations if self.pseudo_labels is not None else [],
             "config": config,
             "modules": modules,
         }

@@ -284,7 +284,7 @@ def labels_only_data(tiny_data, tmp_path_factory) -> Path:
 
 
 def test_image_labels_only_training_selects_without_masks(labels_only_data, tmp_path):
-    log = run_bundle(tmp_path, labels_only_data, swap_margin=0.05)
+    log = run_bundle(tmp_path, labels_only_data, swap_margin=0.05, pseudo_fp_budget=0.02)
     assert "selection by area_contrast" in log and "validation split by" in log
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["selection"] == {"metric": "val_area_contrast", "swap_margin": 0.05}
@@ -293,6 +293,13 @@ def test_image_labels_only_training_selects_without_masks(labels_only_data, tmp_
         assert r["metric"] == "val_area_contrast"
         assert r["swapped"] == (r["student_score"] is not None and r["student_score"] > r["teacher_score"] + 0.05)
     assert "role swap at epoch 1 (if_better, val_area_contrast, margin 0.05)" in log
+    # the stage-2 targets are calibrated without a mask: once per pseudo-label round (the first and one per swap)
+    calibrations = report["target_calibration"]
+    assert [c["round"] for c in calibrations] == list(range(1 + sum(r["swapped"] for r in report["rounds"])))
+    for c in calibrations:
+        assert 0.5 <= c["threshold"] <= 0.99 and c["fp_budget"] == 0.02 and c["n_negatives"] > 0
+        assert c["fp_area_at_threshold"] <= 0.02 or c["threshold"] == 0.99
+        assert f"pseudo-labels round {c['round']}: target threshold {c['threshold']:.2f} calibrated on" in log
 
 
 def test_mask_f1_without_masks_stops_before_training(labels_only_data, tmp_path):

@@ -83,6 +83,12 @@ def test_handler_calibrates_on_negatives_and_sets_the_loss(tmp_path, caplog):
     assert "target threshold 0.80 calibrated on 2 training negatives" in caplog.text
     assert "budget 0.2" in caplog.text
     assert (tmp_path / "manifest.csv").read_text().splitlines()[0].split(",")[-1] == "mean_prob"
+    (calibration,) = handler.calibrations
+    assert calibration["round"] == 0 and calibration["n_negatives"] == 2
+    assert calibration["fp_area_at_0.5"] == pytest.approx(0.5, abs=0.011)  # 0.50 ... 0.99 of the ramp
+    assert calibration["fp_area_at_threshold"] == pytest.approx(0.2, abs=0.011)
+    handler(FakeEngine())  # the same round again, as after a resume: replaced, not repeated
+    assert len(handler.calibrations) == 1
 
 
 def test_handler_refuses_a_budget_without_negatives_or_loss(tmp_path):

@@ -123,7 +123,10 @@ def test_swap_regenerates_and_cache_dataset_never_serves_stale_maps(tmp_path):
 def test_handler_state_round_trip():
     handler = PseudoLabelHandler([], "unused")
     handler.load_state_dict({"round": 3})
-    assert handler.state_dict() == {"round": 3}
+    assert handler.state_dict() == {"round": 3, "calibrations": []}
+    calibration = {"round": 2, "threshold": 0.7}
+    handler.load_state_dict({"round": 2, "calibrations": [calibration]})
+    assert handler.state_dict() == {"round": 2, "calibrations": [calibration]}
 
 
 def test_bad_names_and_missing_files_raise(tmp_path):

@@ -93,6 +93,7 @@ class PseudoLabelHandler:
         self.fp_budget = fp_budget
         self.loss = loss
         self.threshold: float | None = None
+        self.calibrations: list[dict[str, Any]] = []  # one per round: threshold and its evidence (rank 0)
         self.data_loader = data_loader
         self.output_dir = os.fspath(output_dir)
         self.inferer = SimpleInferer() if inferer is None else inferer
@@ -147,11 +148,17 @@ class PseudoLabelHandler:
                 f"pseudo-labels round {self.round}: the teacher calls {mean_curve[-1]:.4f} of the training negatives "
                 f"even at {CALIBRATION_GRID[-1]:.2f}, above the budget {self.fp_budget}; using {threshold:.2f}."
             )
+        fp_at_threshold = float(mean_curve[CALIBRATION_GRID.searchsorted(threshold)])
         self.logger.info(
             f"pseudo-labels round {self.round}: target threshold {threshold:.2f} calibrated on {len(curves)} training "
-            f"negatives (their false-positive area {mean_curve[0]:.4f} at 0.50, "
-            f"{mean_curve[CALIBRATION_GRID.searchsorted(threshold)]:.4f} at {threshold:.2f}; budget {self.fp_budget})"
+            f"negatives (their false-positive area {mean_curve[0]:.4f} at 0.50, {fp_at_threshold:.4f} at "
+            f"{threshold:.2f}; budget {self.fp_budget})"
         )
+        self.calibrations = [c for c in self.calibrations if c["round"] != self.round]  # a resumed round: redone
+        self.calibrations.append({
+            "round": self.round, "threshold": threshold, "fp_budget": self.fp_budget, "n_negatives": len(curves),
+            "fp_area_at_0.5": float(mean_curve[0]), "fp_area_at_threshold": fp_at_threshold,
+        })
         return threshold
 
     def _share_threshold(self) -> None:
@@ -216,13 +223,14 @@ class PseudoLabelHandler:
             FP_CURVE_KEY: false_positive_curve(prob) if label == 0 and self.fp_budget is not None else None,
         }
 
-    def state_dict(self) -> dict[str, int]:
-        """The pseudo-label round, so that a resumed run keeps counting."""
-        return {"round": self.round}
+    def state_dict(self) -> dict[str, Any]:
+        """The pseudo-label round and the calibrations so far, so that a resumed run keeps counting."""
+        return {"round": self.round, "calibrations": list(self.calibrations)}
 
-    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
-        """Restore the round saved by :meth:`state_dict`."""
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         self.round = int(state_dict["round"])
+        self.calibrations = list(state_dict.get("calibrations", []))
 
 
 def false_positive_curve(prob: np.ndarray) -> np.ndarray:
