@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from custom.errors import InputError, MissingInputError
 from custom.networks import DWSMIL, SAMIL
 
 __all__ = [
@@ -74,7 +75,7 @@ NETWORK_KNOBS = {"_target_": "network_def#_target_", "width": "network_width"}
 """The config knob that sets each network argument (``network_def#<argument>`` for the others)."""
 
 
-class UnreadableCheckpoint(ValueError):
+class UnreadableCheckpoint(InputError):
     """A checkpoint file that cannot be read: empty, truncated, corrupt, not a PyTorch checkpoint, or not readable."""
 
     def __init__(self, path: str | os.PathLike, err: BaseException, note: str = "") -> None:
@@ -295,7 +296,7 @@ def load_weights(
     where = f" (config key '{config_key}')" if config_key else ""
     if not os.path.isfile(path):
         advice = f": train one with bundle/configs/train.json, or set {config_key} to a checkpoint of 'network_def'"
-        raise FileNotFoundError(f"no trained model at {os.fspath(path)}{where}{advice if config_key else ''}")
+        raise MissingInputError(f"no trained model at {os.fspath(path)}{where}{advice if config_key else ''}")
     state, record = _entries(_read(path, config_key), key)
     trained = record.get("network_def") if isinstance(record.get("network_def"), Mapping) else None
     differences = definition_differences(network_definition(network), trained) if trained else {}
@@ -318,7 +319,7 @@ def load_weights(
                      f"{unbuilt}: {_advice(differences, knobs)}"
         else:
             advice = _advice_without_record(network, state, record, knobs)
-        raise ValueError(
+        raise InputError(
             f"checkpoint {os.fspath(path)}{where} does not match the network ({type(network).__name__}) built by "
             f"'network_def' or its stage's definition: {problem}; {advice}"
         )

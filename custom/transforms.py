@@ -19,6 +19,7 @@ from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform, Transform
 from monai.transforms.traits import RandomizableTrait
 from monai.utils import convert_to_tensor
+from skimage.color import hed_from_rgb, rgb_from_hed
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -26,6 +27,7 @@ __all__ = [
     "PSEUDO_KEY",
     "LoadPseudoLabeld",
     "RandFlipRotate90Batchd",
+    "RandStainJitterBatchd",
     "pseudo_label_path",
 ]
 
@@ -179,3 +181,95 @@ class RandFlipRotate90Batchd(MapTransform, RandomizableTransform):
                 group = group.rot90(turns, (-2, -1))
             out.index_copy_(0, index, group)
         return out
+
+
+class RandStainJitterBatchd(MapTransform, RandomizableTransform):
+    """
+    Jitter the amount of haematoxylin, eosin and the residual (DAB) stain of every image of a collated batch on its
+    own draw: the stain shift between patients, labs and scanners, which a segmenter must not read as tumour.
+
+    Per image, with probability ``prob``: the normalised image is taken back to RGB in [0, 1], to optical density
+    ``OD = -ln(RGB)`` (RGB floored at 1/255), deconvolved into stain amounts with scikit-image's H&E-DAB stain vectors
+    (``skimage.color.hed_from_rgb``), each stain amount ``c`` becomes ``c * alpha + beta`` with ``alpha`` drawn from
+    U(1 - ``sigma``, 1 + ``sigma``) and ``beta`` from U(-``bias``, ``bias``) per stain, and the result goes back
+    through ``skimage.color.rgb_from_hed`` to RGB (clipped to [0, 1]) and the same normalisation. ``alpha = 1``,
+    ``beta = 0`` returns the image (up to the 1/255 floor). It is the HED augmentation of Tellez et al. (Medical Image
+    Analysis 58, 2019), in natural-log OD units (scikit-image's ``rgb2hed`` divides them by ln(10^6)).
+
+    In stage 2 it makes the student learn the teacher's clean-image maps from stain-shifted copies (a noisy student,
+    Xie et al., CVPR 2020): targets stay the teacher's, so the student has to find the tumour by what does not
+    change with the stain. Draws come from ``self.R`` (reseeded per epoch by ``custom.handlers.EpochSeedHandler``).
+
+    Args:
+        keys: batch keys of (B, 3, rows, cols) normalised RGB images, e.g. ``"image"`` (never masks or maps).
+        sigma: half-width of the multiplicative draw, in [0, 1).
+        bias: half-width of the additive draw, in OD units (>= 0).
+        prob: probability that an image is jittered.
+        mean: per-channel mean the images were normalised with (RGB in [0, 1]).
+        std: per-channel standard deviation the images were normalised with.
+        allow_missing_keys: skip listed keys the batch lacks.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        sigma: float = 0.2,
+        bias: float = 0.1,
+        prob: float = 1.0,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if not 0.0 <= sigma < 1.0:
+            raise ValueError(f"sigma must lie in [0, 1), got {sigma}")
+        if bias < 0.0:
+            raise ValueError(f"bias must be >= 0, got {bias}")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need three channels and a positive std, got {mean} and {std}")
+        self.sigma = float(sigma)
+        self.bias = float(bias)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._alpha = np.ones((0, 3))
+        self._beta = np.zeros((0, 3))
+
+    def randomize(self, batch_size: int) -> None:
+        """Draw each image's per-stain scale and shift (1 and 0 for the images the ``prob`` draw leaves alone)."""
+        chosen = self.R.random_sample(batch_size) < self.prob
+        alpha = self.R.uniform(1.0 - self.sigma, 1.0 + self.sigma, (batch_size, 3))
+        beta = self.R.uniform(-self.bias, self.bias, (batch_size, 3))
+        self._alpha = np.where(chosen[:, None], alpha, 1.0)
+        self._beta = np.where(chosen[:, None], beta, 0.0)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """A copy of ``data`` with the listed image batches stain-jittered, one draw per image shared by the keys."""
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        self.randomize(int(d[keys[0]].shape[0]))
+        for key in keys:
+            d[key] = self.jitter(d[key], self._alpha, self._beta)
+        return d
+
+    def jitter(self, batch: torch.Tensor, alpha: np.ndarray, beta: np.ndarray) -> torch.Tensor:
+        """``batch`` (normalised (B, 3, rows, cols)) with stain amounts ``c * alpha + beta``; alpha, beta (B, 3)."""
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, rows, cols) RGB batch, got shape {tuple(batch.shape)}")
+        if alpha.shape != (batch.shape[0], 3) or beta.shape != (batch.shape[0], 3):
+            raise ValueError(f"{batch.shape[0]} images need (B, 3) draws, got {alpha.shape} and {beta.shape}")
+        mean, std = self.mean.to(batch.device), self.std.to(batch.device)
+        rgb = (batch.float() * std + mean).clamp(1.0 / 255.0, 1.0)
+        stains = torch.einsum("bchw,cs->bshw", -torch.log(rgb), _matrix(hed_from_rgb, batch.device))
+        scale = torch.as_tensor(alpha, dtype=torch.float32, device=batch.device).view(-1, 3, 1, 1)
+        shift = torch.as_tensor(beta, dtype=torch.float32, device=batch.device).view(-1, 3, 1, 1)
+        density = torch.einsum("bshw,sc->bchw", stains * scale + shift, _matrix(rgb_from_hed, batch.device))
+        out = (torch.exp(-density).clamp(0.0, 1.0) - mean) / std
+        return out.to(batch.dtype)
+
+
+def _matrix(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """A scikit-image stain matrix as a float32 tensor on ``device``."""
+    return torch.as_tensor(np.asarray(array), dtype=torch.float32, device=device)

@@ -25,6 +25,7 @@ from pathlib import Path
 import fire
 import numpy as np
 
+from custom.errors import report_input_errors
 from custom.tables import Column, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,8 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "calibrated_5pct": ([], {"pseudo_fp_budget": 0.05}),
     "stage2_48": ([], {"stage2_epochs": 48}),
     "stage2_48_calibrated_2pct": ([], {"stage2_epochs": 48, "pseudo_fp_budget": 0.02}),
+    "stain_jitter": ([], {"distill_stain_jitter": True}),
+    "stain_jitter_calibrated_2pct": ([], {"distill_stain_jitter": True, "pseudo_fp_budget": 0.02}),
     "supervised_upper_bound": (["supervised.json"], {}),
     "masks_5pct": ([], {"strong_fraction": 0.05}),
     "masks_20pct": ([], {"strong_fraction": 0.2}),
@@ -217,4 +220,5 @@ def main(
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

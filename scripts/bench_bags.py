@@ -32,6 +32,7 @@ import fire
 import torch
 from bench_train import peak_since, reset_peak  # the memory window of the training benchmarks, one owner
 
+from custom.errors import report_input_errors
 from custom.tables import Column, format_table
 
 CAMELYON16_TRAIN_SLIDES = 270
@@ -148,4 +149,5 @@ def main(
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

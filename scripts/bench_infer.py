@@ -65,6 +65,7 @@ from custom.data.he_renderer import make_layout, render_tile, tissue_fraction
 from custom.data.slide import open_slide
 from custom.data.tiff import read_tiff_region
 from custom.data.tissue import detect_tissue
+from custom.errors import report_input_errors
 from custom.inference.heap import heap_reuse as keep_heap
 from custom.inference.outputs import SLIDE_OUTPUTS, write_slide_outputs
 from custom.inference.streaming import PyramidStreamer
@@ -460,4 +461,5 @@ def bench(size: int = 20736, level: int = 2, tile: int = 256, overlap: int = 32,
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(bench)

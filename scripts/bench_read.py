@@ -30,6 +30,7 @@ from monai.data import WSIReader
 
 from custom.data.he_renderer import make_layout, render_tile
 from custom.data.slide import BACKENDS, open_slide
+from custom.errors import report_input_errors
 from custom.writers.pyramid_tiff import write_pyramid
 
 TILE = 256
@@ -198,4 +199,5 @@ def main(size: int = 8192, seconds: float = 3.0, threads: Sequence[int] = (1, 2)
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

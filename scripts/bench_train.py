@@ -53,6 +53,7 @@ from monai.utils import set_determinism
 from PIL import Image
 
 from custom.data.images import read_rgb
+from custom.errors import report_input_errors
 from custom.losses import DistillationLoss, MILPoolingLoss
 from custom.networks import DWSMIL
 from custom.tables import Column, format_table
@@ -418,4 +419,5 @@ def main(n_images: int = 96, size: int = 128, warmup: int = 1, epochs: int = 5, 
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

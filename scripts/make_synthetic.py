@@ -14,6 +14,7 @@ import json
 import fire
 
 from custom.data.synthetic import SyntheticSpec, generate_dataset
+from custom.errors import report_input_errors
 
 
 def main(
@@ -34,4 +35,5 @@ def main(
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

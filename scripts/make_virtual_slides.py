@@ -22,6 +22,7 @@ import sys
 import fire
 
 from custom.data.virtual_slides import generate_virtual_slides, spec_from_knobs
+from custom.errors import report_input_errors
 
 
 def _say(line: str) -> None:
@@ -40,4 +41,5 @@ def main(out: str, tissue: str, benign: str | None = None, workers: int = 2, **k
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

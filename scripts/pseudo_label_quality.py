@@ -26,6 +26,7 @@ from PIL import Image
 from skimage.transform import resize
 
 from custom.data.images import read_mask
+from custom.errors import report_input_errors
 
 
 def mask_of(image_path: str) -> Path:
@@ -107,4 +108,5 @@ def main(pseudo_dir: str, threshold: float = 0.5) -> None:
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

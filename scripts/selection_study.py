@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import CONFIGS, run_training  # noqa: E402  (a sibling script)
 
 from custom.checkpoints import load_weights  # noqa: E402
+from custom.errors import report_input_errors
 from custom.metrics.segmentation import image_scores, summarise_scores  # noqa: E402
 from custom.metrics.selection import MASK_FREE_METRICS, flip_maps, selection_rows, summarise_selection  # noqa: E402
 from custom.report import evaluate_network  # noqa: E402
@@ -151,4 +152,5 @@ def main(
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import fire
 
+from custom.errors import report_input_errors
 from custom.metrics.slide import all_tissue_floor
 from custom.tables import Column, format_table
 
@@ -63,4 +64,5 @@ def main(datalist: str, runs: str | dict, tissue_mpp: float = 8.0, markdown: boo
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

@@ -26,6 +26,7 @@ from custom.data.datalist import load_slide_datalist
 from custom.data.grid import grid_csv_path, make_tile_grid, save_grid_csv
 from custom.data.slide import SLIDE_SUFFIXES, SlideReadError, open_slide, select_level
 from custom.data.tissue import detect_tissue
+from custom.errors import report_input_errors
 from custom.tables import Column, format_table
 from custom.writers.tissue import save_tissue_geojson, save_tissue_png
 
@@ -90,4 +91,5 @@ def main(slides: str, out: str, level: int | None = None, mpp: float | None = No
 
 
 if __name__ == "__main__":
+    report_input_errors()
     fire.Fire(main)

@@ -109,8 +109,10 @@ def test_inference_workflow_properties(tmp_path):
 
 
 def test_slide_mil_replaces_the_data_check_step():
-    """slide_mil.json replaces train.json's initialize step 2, which must be the pre-training data check."""
+    """slide_mil.json replaces train.json's initialize step 3, which must be the pre-training data check (after the
+    one-line error reporting and the seed)."""
     initialize = ConfigParser.load_config_file(CONFIGS / "train.json")["initialize"]
-    assert initialize[2].startswith("$custom.data.check_training_data(")
-    replaced = ConfigParser.load_config_file(CONFIGS / "slide_mil.json")["initialize#2"]
+    assert initialize[0] == "$custom.errors.report_input_errors()"
+    assert initialize[3].startswith("$custom.data.check_training_data(")
+    replaced = ConfigParser.load_config_file(CONFIGS / "slide_mil.json")["initialize#3"]
     assert replaced.startswith("$custom.data.check_training_data(") and "unit='slide'" in replaced

@@ -52,6 +52,18 @@ def test_a_fake_png_stops_training_with_exit_1_and_the_file_named(patches, tmp_p
     assert result.returncode == 1, result.stderr[-3000:]  # was 134: "terminate called without an active exception"
     assert "terminate called" not in result.stderr
     assert str(fake) in result.stderr and "corrupt, truncated or not an image" in result.stderr
+    # one line, not MONAI's config-expression traceback around it
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(fake) in last and "Traceback" not in result.stderr
+
+
+def test_a_missing_split_is_one_error_line_and_exit_1(patches, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(patches / "train", data / "train")
+    result = _train(data, tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"error: patch folder split not found: {data / 'test'}"
+    assert "Traceback" not in result.stderr and not (tmp_path / "models").exists()
 
 
 CACHE_FILL = """

@@ -179,7 +179,7 @@ def test_weak_training_reads_no_mask_and_augmentation_moves_the_masks(tiny_data)
     assert any(item["mask"] for item in parser.get_parsed_content("test#datalist"))
     augment = parser.get_parsed_content("distill#augment")
     assert set(augment.keys) == {"image", "mask", "pseudo"}
-    assert parser.get_parsed_content("distill#trainer").batch_transform is augment
+    assert parser.get_parsed_content("distill#trainer").batch_transform.transforms == (augment,)
 
 
 def test_training_with_all_masks_runs_and_says_how_many(tiny_data, tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from custom.errors import InputError
+
 __all__ = ["TWO_LABEL_METRICS", "check_training_data", "check_mask_sizes"]
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ def _image_size(path: str) -> tuple[int, int]:
         with Image.open(path) as image:
             return image.size
     except Exception as e:  # noqa: BLE001 - any reader failure is the same problem for the user
-        raise ValueError(f"cannot read image file {path} (corrupt, truncated or not an image): {e}") from e
+        raise InputError(f"cannot read image file {path} (corrupt, truncated or not an image): {e}") from e
 
 
 def check_mask_sizes(items: Sequence[dict], part: str) -> None:
@@ -42,7 +44,7 @@ def check_mask_sizes(items: Sequence[dict], part: str) -> None:
             continue
         image_wh, mask_wh = _image_size(item["image"]), _image_size(item["mask"])
         if image_wh != mask_wh:
-            raise ValueError(
+            raise InputError(
                 f"{part}: mask {item['mask']} has size (width, height) {mask_wh} but its image {item['image']} "
                 f"has {image_wh}"
             )
@@ -53,11 +55,11 @@ def _check_training(train: Sequence[dict], unit: str = "image") -> None:
     bag of a slide's tiles cannot do without at all (a warning for images, an error for slides)."""
     positives, negatives = _counts(train)
     if not train:
-        raise ValueError(f"training: no {unit} left after carving out validation")
+        raise InputError(f"training: no {unit} left after carving out validation")
     if not positives:
-        raise ValueError(f"training: no positive {unit} among {len(train)}; the MIL teacher needs tumour {unit}s")
+        raise InputError(f"training: no positive {unit} among {len(train)}; the MIL teacher needs tumour {unit}s")
     if not negatives and unit == "slide":
-        raise ValueError(
+        raise InputError(
             f"training: all {len(train)} slides are labelled positive; slide-bag MIL learns tumour from the contrast "
             "between positive and tumour-free slides (label 0): add negative slides, or train in tile-label mode"
         )
@@ -73,25 +75,25 @@ def _check_validation(val: Sequence[dict], selection_metric: str, n_training: in
     """The selection score must be computable on validation, else checkpoints and swaps would be chosen blind."""
     positives, negatives = _counts(val)
     if not val:
-        raise ValueError(
+        raise InputError(
             f"validation: no image (training has {n_training}); raise val_fraction or add images, since checkpoint "
             "selection and the role swap are decided on validation"
         )
     if selection_metric in TWO_LABEL_METRICS and not (positives and negatives):
-        raise ValueError(
+        raise InputError(
             f"validation: selection_metric {selection_metric!r} compares positives with negatives but validation holds "
             f"{positives} positive and {negatives} negative images; add images of the missing label or raise "
             "val_fraction"
         )
     if selection_metric in ("flip_consistency", "mask_f1") and not positives:
-        raise ValueError(
+        raise InputError(
             f"validation: selection_metric {selection_metric!r} needs positive images; validation has none"
         )
     if selection_metric == "mask_f1":
         missing = [item for item in val if int(item["label"]) == 1 and item.get("mask") is None]
         if missing:
             names = [item.get("name", Path(str(item.get("image", item.get("slide")))).stem) for item in missing[:3]]
-            raise ValueError(
+            raise InputError(
                 f"validation: selection_metric 'mask_f1' needs a pixel mask for every positive image, but "
                 f"{len(missing)} of {positives} have none (e.g. {names}); use a mask-free selection_metric (auc, "
                 "balanced_accuracy, area_contrast, flip_consistency) or add the masks"
@@ -102,7 +104,7 @@ def _check_test(test: Sequence[dict]) -> None:
     """The test table needs images; one label alone makes half of its columns NaN."""
     positives, negatives = _counts(test)
     if not test:
-        raise ValueError("test: no image; the run ends with a test evaluation")
+        raise InputError("test: no image; the run ends with a test evaluation")
     if not (positives and negatives):
         warnings.warn(
             f"test: {positives} positive and {negatives} negative images; metrics of the missing label are NaN",

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from custom.errors import InputError, MissingInputError
+
 __all__ = [
     "IMAGE_SUFFIXES", "SPLIT_MODES", "EBHI_GROUP_PATTERN", "patch_folder_datalist", "load_slide_datalist",
     "assign_groups", "split_train_val",
@@ -51,7 +53,7 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         if path.stem in found:
-            raise ValueError(f"two images share the stem {path.stem!r}: {found[path.stem]} and {path}")
+            raise InputError(f"two images share the stem {path.stem!r}: {found[path.stem]} and {path}")
         found[path.stem] = path
     return found
 
@@ -71,13 +73,13 @@ def patch_folder_datalist(
     """
     folder = Path(root) / split
     if not folder.is_dir():
-        raise FileNotFoundError(f"patch folder split not found: {folder}")
+        raise MissingInputError(f"patch folder split not found: {folder}")
     require_masks = split == "test" if require_masks is None else require_masks
     pos, neg, gt = (_images_by_stem(folder / name) for name in ("pos", "neg", "gt"))
     if not pos and not neg:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder / 'pos'} or {folder / 'neg'}")
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder / 'pos'} or {folder / 'neg'}")
     if require_masks and (missing := sorted(pos.keys() - gt.keys())):
-        raise ValueError(f"{folder / 'pos'}: {len(missing)} image(s) have no mask in {folder / 'gt'}: {missing[:5]}")
+        raise InputError(f"{folder / 'pos'}: {len(missing)} image(s) have no mask in {folder / 'gt'}: {missing[:5]}")
     if orphans := sorted(gt.keys() - pos.keys()):
         warnings.warn(f"{folder / 'gt'}: {len(orphans)} mask(s) without a pos image are ignored: {orphans[:5]}")
     shared = pos.keys() & neg.keys()
@@ -112,15 +114,15 @@ def _read_rows(path: Path, key: str) -> list[tuple[str, dict]]:
         try:
             content = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON ({e})") from e
+            raise InputError(f"{path}: invalid JSON ({e})") from e
         if isinstance(content, dict):
             if key not in content:
-                raise ValueError(f"{path}: no {key!r} list in the JSON object (keys: {sorted(content)})")
+                raise InputError(f"{path}: no {key!r} list in the JSON object (keys: {sorted(content)})")
             content = content[key]
         if not isinstance(content, list) or not all(isinstance(row, dict) for row in content):
-            raise ValueError(f"{path}: expected a list of objects (or {{{key!r}: [...]}})")
+            raise InputError(f"{path}: expected a list of objects (or {{{key!r}: [...]}})")
         return [(f"{path} entry {index}", row) for index, row in enumerate(content)]
-    raise ValueError(f"{path}: unknown slide list format {path.suffix!r}; use .csv or .json")
+    raise InputError(f"{path}: unknown slide list format {path.suffix!r}; use .csv or .json")
 
 
 def _parse_label(value: object, where: str) -> int:
@@ -129,14 +131,14 @@ def _parse_label(value: object, where: str) -> int:
         return value
     if isinstance(value, str) and value.strip().lower() in _LABELS:
         return _LABELS[value.strip().lower()]
-    raise ValueError(f"{where}: unknown label {value!r}; expected 0/1 or normal/tumor")
+    raise InputError(f"{where}: unknown label {value!r}; expected 0/1 or normal/tumor")
 
 
 def _parse_split(value: object, where: str) -> str:
     """A row's split: "train" or "test" (an empty cell is "train"); a typo such as "tset" is an error, not a drop."""
     split = str(value if value is not None else "").strip().lower() or "train"
     if split not in SPLITS:
-        raise ValueError(f"{where}: unknown split {value!r}; expected one of {SPLITS} (empty means train)")
+        raise InputError(f"{where}: unknown split {value!r}; expected one of {SPLITS} (empty means train)")
     return split
 
 
@@ -152,7 +154,7 @@ def load_slide_datalist(path: str | os.PathLike, key: str = "training") -> list[
     for where, row in _read_rows(path, key):
         if "slide" not in row or "label" not in row:
             missing = [column for column in ("slide", "label") if column not in row]
-            raise ValueError(f"{where}: missing column(s) {missing}")
+            raise InputError(f"{where}: missing column(s) {missing}")
         item = dict(row)
         item["label"] = _parse_label(row["label"], where)
         if "split" in row:
@@ -163,14 +165,14 @@ def load_slide_datalist(path: str | os.PathLike, key: str = "training") -> list[
                 item[column] = None
                 continue
             if not isinstance(value, str) or not value:
-                raise ValueError(f"{where}: {column!r} must be a path, got {value!r}")
+                raise InputError(f"{where}: {column!r} must be a path, got {value!r}")
             resolved = path.parent / value
             if not resolved.exists():
-                raise FileNotFoundError(f"{where}: {column} file not found: {resolved}")
+                raise MissingInputError(f"{where}: {column} file not found: {resolved}")
             item[column] = str(resolved)
         item["name"] = Path(item["slide"]).stem
         if item["name"] in names:
-            raise ValueError(f"{where}: slide name {item['name']!r} repeats {names[item['name']]}")
+            raise InputError(f"{where}: slide name {item['name']!r} repeats {names[item['name']]}")
         names[item["name"]] = where
         item["group"] = str(row["patient"]).strip() if str(row.get("patient") or "").strip() else item["name"]
         items.append(item)
@@ -191,14 +193,14 @@ def split_train_val(
     Only ever pass training items: the test split is not to be touched by model selection.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if by not in SPLIT_MODES:
-        raise ValueError(f"unknown split mode {by!r}; expected one of {SPLIT_MODES}")
+        raise InputError(f"unknown split mode {by!r}; expected one of {SPLIT_MODES}")
     if by == "auto":
         by = "group" if _groups_found(items) else "label-stratified"
     if by == "group" and not all(item.get("group") for item in items):
         missing = [item.get("name", item.get("image")) for item in items if not item.get("group")]
-        raise ValueError(
+        raise InputError(
             f"split by group: {len(missing)} item(s) have no group (e.g. {missing[:3]}); check group_pattern"
         )
     units = _units(items, by)

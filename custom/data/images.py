@@ -24,6 +24,8 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 
+from custom.errors import InputError, MissingInputError
+
 __all__ = ["read_rgb", "read_mask", "check_mask_size"]
 
 _BINARY_VALUE_SETS = ({0, 1}, {0, 255})
@@ -36,34 +38,34 @@ def _decode(path: str | os.PathLike) -> np.ndarray:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
+        raise MissingInputError(f"image file not found: {path}") from None
     # libjpeg decodes a cut-off JPEG with gray filler and only a warning; its end-of-image marker tells.
     if data.startswith(_JPEG_START) and _JPEG_END not in data[-_JPEG_TAIL:]:
-        raise ValueError(f"cannot decode image file {path}: truncated JPEG (no end-of-image marker)")
+        raise InputError(f"cannot decode image file {path}: truncated JPEG (no end-of-image marker)")
     try:
         return imagecodecs.imread(data)
     except Exception as e:
         # imagecodecs reports one line per codec it tried; the first names the format-specific problem.
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot decode image file {path} (corrupt, truncated or not an image): {reason}") from e
+        raise InputError(f"cannot decode image file {path} (corrupt, truncated or not an image): {reason}") from e
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """Read an H&E image as (rows, cols, 3) uint8 RGB, refusing files whose colours would be guessed."""
     array = _decode(path)
     if array.dtype != np.uint8:
-        raise ValueError(
+        raise InputError(
             f"image {path} has {array.dtype} pixels; only 8-bit RGB is accepted (convert 16-bit or float images "
             "to 8-bit RGB with the scaling that fits your scanner)"
         )
     channels = 1 if array.ndim == 2 else array.shape[-1]
     if array.ndim not in (2, 3) or channels not in (1, 2, 3, 4):
-        raise ValueError(f"image {path} has shape {array.shape}; expected (rows, cols, 3) RGB")
+        raise InputError(f"image {path} has shape {array.shape}; expected (rows, cols, 3) RGB")
     if channels in (1, 2):
-        raise ValueError(f"image {path} is grayscale ({channels} channel(s)); an H&E image must be RGB colour")
+        raise InputError(f"image {path} is grayscale ({channels} channel(s)); an H&E image must be RGB colour")
     if channels == 4:
         if np.any(array[..., 3] != 255):
-            raise ValueError(f"image {path} is RGBA with transparent pixels; save it as opaque RGB")
+            raise InputError(f"image {path} is RGBA with transparent pixels; save it as opaque RGB")
         array = array[..., :3]
     return np.ascontiguousarray(array)
 
@@ -76,13 +78,13 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     elif array.ndim == 3 and array.shape[-1] == 3 and np.all(array == array[..., :1]):
         array = array[..., 0]
     if array.ndim != 2:
-        raise ValueError(f"mask {path} has shape {array.shape}; expected one channel (rows, cols)")
+        raise InputError(f"mask {path} has shape {array.shape}; expected one channel (rows, cols)")
     if array.dtype not in (np.uint8, np.bool_):
-        raise ValueError(f"mask {path} has {array.dtype} pixels; expected 8-bit values 0/1 or 0/255")
+        raise InputError(f"mask {path} has {array.dtype} pixels; expected 8-bit values 0/1 or 0/255")
     values = {int(v) for v in np.unique(array)}
     if not any(values <= allowed for allowed in _BINARY_VALUE_SETS):
         shown = sorted(values)[:8]
-        raise ValueError(f"mask {path} is not binary: values {shown}; expected a subset of {{0, 1}} or {{0, 255}}")
+        raise InputError(f"mask {path} is not binary: values {shown}; expected a subset of {{0, 1}} or {{0, 255}}")
     return (array > 0).astype(np.uint8)
 
 
@@ -96,6 +98,6 @@ def check_mask_size(
     if tuple(mask_shape[:2]) != tuple(image_shape[:2]):
         mask_wh = (mask_shape[1], mask_shape[0])
         image_wh = (image_shape[1], image_shape[0])
-        raise ValueError(
+        raise InputError(
             f"mask {mask_path} has size (width, height) {mask_wh} but its image {image_path} has {image_wh}"
         )

@@ -28,6 +28,7 @@ from monai.data import WSIReader
 from tifffile.tifffile import svs_description_metadata
 
 from custom.data.tiff import read_tiff_region
+from custom.errors import InputError, MissingInputError
 
 __all__ = ["SLIDE_SUFFIXES", "PLAIN_SUFFIXES", "ASSUMED_LEVEL0_MPP", "SlideReadError", "Slide", "level0_mpp",
            "mpp_or_assumed", "open_slide", "select_level"]
@@ -42,7 +43,7 @@ ASSUMED_LEVEL0_MPP = 0.5
 _PROBE_SIZE = 64  # pixels of the test read that proves a backend can decode the file
 
 
-class SlideReadError(RuntimeError):
+class SlideReadError(InputError, RuntimeError):
     """No backend could open and decode a slide; the message names the file and each backend's error."""
 
 
@@ -95,7 +96,7 @@ class Slide:
             a writable, C-contiguous ``(height, width, 3)`` uint8 RGB array.
         """
         if not 0 <= level < self.level_count:
-            raise ValueError(f"{self.path}: level {level} requested but the slide has {self.level_count} levels")
+            raise InputError(f"{self.path}: level {level} requested but the slide has {self.level_count} levels")
         width, height = (int(s) for s in size_wh)
         if width <= 0 or height <= 0:
             raise ValueError(f"{self.path}: region size must be positive, got (w, h)={size_wh}")
@@ -233,11 +234,11 @@ def open_slide(path: str | os.PathLike, backends: Sequence[str] = BACKENDS) -> S
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"slide not found: {path}")
+        raise MissingInputError(f"slide not found: {path}")
     errors = []
     for backend in backends:
         if backend not in BACKENDS:
-            raise ValueError(f"unknown slide backend {backend!r}; choose from {BACKENDS}")
+            raise InputError(f"unknown slide backend {backend!r}; choose from {BACKENDS}")
         try:
             return _try_backend(path, backend)
         except Exception as err:  # every backend raises its own types (RuntimeError, OpenSlideError, TiffFileError...)
@@ -262,14 +263,14 @@ def select_level(
         mpp_override: level-0 microns per pixel given by the user, for files without (or with wrong) metadata.
     """
     if (level is None) == (mpp is None):
-        raise ValueError(f"{slide.path}: give exactly one of level={level} or mpp={mpp}")
+        raise InputError(f"{slide.path}: give exactly one of level={level} or mpp={mpp}")
     if level is not None:
         if not 0 <= level < slide.level_count:
-            raise ValueError(f"{slide.path}: level {level} requested but the slide has {slide.level_count} levels")
+            raise InputError(f"{slide.path}: level {level} requested but the slide has {slide.level_count} levels")
         return int(level)
     base = level0_mpp(slide, mpp_override)
     if base is None:
-        raise ValueError(
+        raise InputError(
             f"{slide.path} has no microns-per-pixel metadata: select by level=, or pass mpp_override= "
             "(the level-0 mpp, e.g. 0.25 for 40x, 0.5 for 20x)"
         )
@@ -278,5 +279,5 @@ def select_level(
     best = int(np.argmin(errors))
     if errors[best] > tolerance:
         listed = ", ".join(f"level {i}: {m:.3f}" for i, m in enumerate(level_mpps))
-        raise ValueError(f"{slide.path}: no level within {tolerance:.0%} of {mpp} um/px (available: {listed})")
+        raise InputError(f"{slide.path}: no level within {tolerance:.0%} of {mpp} um/px (available: {listed})")
     return best

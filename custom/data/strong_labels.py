@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from custom.data.images import read_mask
+from custom.errors import InputError, MissingInputError
 
 __all__ = ["STRONG_KEY", "with_strong_labels", "read_strong_datalist"]
 
@@ -45,7 +46,7 @@ def with_strong_labels(
     exists, all of them at 1.0); the input items are not modified.
     """
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"strong_fraction must be in [0, 1], got {fraction}")
+        raise InputError(f"strong_fraction must be in [0, 1], got {fraction}")
     candidates = [i for i, item in enumerate(items) if int(item["label"]) == 1 and _has_mask(item)]
     n = min(len(candidates), max(1, round(fraction * len(candidates)))) if fraction > 0 else 0
     chosen = set(np.random.default_rng(seed).permutation(candidates)[:n].tolist()) if n else set()
@@ -69,23 +70,23 @@ def read_strong_datalist(path: str | os.PathLike) -> list[dict]:
     """Items of a JSON list of ``{"image", "mask"}`` (relative to its folder), checked and labelled from the masks."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"strong label list not found: {path}")
+        raise MissingInputError(f"strong label list not found: {path}")
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
+        raise InputError(f"{path}: invalid JSON ({e})") from e
     if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
-        raise ValueError(f"{path}: expected a JSON list of {{'image': ..., 'mask': ...}} objects")
+        raise InputError(f"{path}: expected a JSON list of {{'image': ..., 'mask': ...}} objects")
     items = []
     for index, row in enumerate(rows):
         where = f"{path} entry {index}"
         for key in ("image", "mask"):
             if not isinstance(row.get(key), str) or not row[key]:
-                raise ValueError(f"{where}: {key!r} must be a path, got {row.get(key)!r}")
+                raise InputError(f"{where}: {key!r} must be a path, got {row.get(key)!r}")
         files = {key: path.parent / row[key] for key in ("image", "mask")}
         for key, file in files.items():
             if not file.is_file():
-                raise FileNotFoundError(f"{where}: {key} file not found: {file}")
+                raise MissingInputError(f"{where}: {key} file not found: {file}")
         label = int(bool(read_mask(files["mask"]).any()))
         name = str(row.get("name") or f"strong_{files['image'].stem}")
         items.append(
@@ -105,5 +106,5 @@ def _check_unique_names(items: Sequence[dict], extra: Sequence[dict], source: ob
     seen = {item["name"] for item in items}
     for item in extra:
         if item["name"] in seen:
-            raise ValueError(f"{source}: item name {item['name']!r} is used twice; give the entry a unique 'name'")
+            raise InputError(f"{source}: item name {item['name']!r} is used twice; give the entry a unique 'name'")
         seen.add(item["name"])

@@ -23,8 +23,9 @@ class EpochSeedHandler:
     The DataLoader draws its shuffling order (and its workers' seeds) when an epoch starts, so an epoch's order
     depends only on the seed and the epoch number, not on how much randomness earlier epochs consumed: a stage
     that is killed and resumed from its last epoch checkpoint sees the same batches as an uninterrupted run.
-    ``randomizable`` (MONAI transforms with their own generator, e.g. the trainer's batch augmentation) are reseeded
-    with the same value, since ``set_determinism`` does not reach their ``R``.
+    ``randomizable`` (MONAI transforms with their own generator, e.g. the trainer's batch augmentations) are reseeded
+    too, since ``set_determinism`` does not reach their ``R``: the i-th with the epoch's seed + i, so that two of them
+    never draw the same numbers.
     Attach it first in ``train_handlers``.
     """
 
@@ -41,5 +42,5 @@ class EpochSeedHandler:
         """``engine.state.epoch`` is already the new epoch's number here."""
         seed = self.seed + engine.state.epoch * self.stride
         set_determinism(seed=seed)
-        for transform in self.randomizable:
-            transform.set_random_state(seed=seed)
+        for offset, transform in enumerate(self.randomizable):
+            transform.set_random_state(seed=seed + offset)
