@@ -20,10 +20,11 @@ from monai.handlers import MetricLogger
 
 from custom import tables
 from custom.checkpoints import RECORD_KEY, WEIGHTS_KEY, TrainingRecord
-from custom.engines.evaluation import selection_evaluator, selection_key
+from custom.engines.evaluation import negatives_false_positive_curve, selection_evaluator, selection_key
 from custom.handlers.pseudo_labels import PseudoLabelHandler
 from custom.handlers.role_swap import RoleSwapHandler
 from custom.metrics import METRIC_KEYS, evaluate_baselines
+from custom.metrics.calibration import CALIBRATION_GRID
 from custom.metrics.segmentation import summarise_scores
 from custom.writers.figures import plot_curves, plot_overlays
 
@@ -32,6 +33,7 @@ __all__ = [
     "subset_metrics",
     "dataset_baselines",
     "select_final_model",
+    "operating_threshold",
     "curves_from_loggers",
     "TrainingReport",
     "resolved_knobs",
@@ -227,6 +229,12 @@ class TrainingReport:
         swap_margin: the role swap's margin, reported with the selection.
         test_subsets: subset name -> regex on the test image names, for the per-subset table.
         amp, smooth_sigma, threshold: as in validation.
+        validation_loader: batches of the validation split (image, image label), unsharded; needed with
+            ``threshold_fp_budget``.
+        threshold_fp_budget: mask-free operating thresholds: each model (stage-1 teacher, distilled student,
+            ``model.pt``) is scored on test, and ``model.pt`` recorded, at the lowest threshold from ``threshold``
+            (at least 0.5) up at which its mean false-positive area on the validation negatives is at most this budget
+            (``custom.metrics.calibration``); None scores every model at ``threshold``.
         n_overlays: test images in ``overlays.png``.
         record: the training's :class:`custom.checkpoints.TrainingRecord`: ``model.pt`` is then
             ``{"network": weights, "record": ...}`` (what the network is, how it was trained and chosen) and
@@ -260,7 +268,14 @@ class TrainingReport:
         n_overlays: int = 6,
         record: TrainingRecord | None = None,
         pseudo_labels: PseudoLabelHandler | None = None,
+        validation_loader: Any = None,
+        threshold_fp_budget: float | None = None,
     ) -> None:
+        if threshold_fp_budget is not None:
+            if not 0.0 < threshold_fp_budget < 1.0:
+                raise ValueError(f"threshold_fp_budget must lie in (0, 1) or be None, got {threshold_fp_budget}")
+            if validation_loader is None:
+                raise ValueError("threshold_fp_budget calibrates on the validation negatives: give validation_loader")
         self.output_dir, self.ckpt_dir = Path(output_dir), Path(ckpt_dir)
         self.stage1_teacher, self.teacher, self.student, self.role_swap = stage1_teacher, teacher, student, role_swap
         self.test_loader, self.test_display, self.device = test_loader, test_display, device
@@ -273,9 +288,15 @@ class TrainingReport:
         self.amp, self.smooth_sigma, self.threshold, self.n_overlays = amp, smooth_sigma, threshold, n_overlays
         self.record = record
         self.pseudo_labels = pseudo_labels
+        self.validation_loader, self.threshold_fp_budget = validation_loader, threshold_fp_budget
 
-    def save_model(self, weights: dict[str, torch.Tensor], source: str, val_score: float | None) -> Path:
-        """Write ``model.pt`` (and, with a record, ``model_metadata.json``); return its path."""
+    def save_model(
+        self, weights: dict[str, torch.Tensor], source: str, val_score: float | None,
+        operating: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write ``model.pt`` (and, with a record, ``model_metadata.json``); return its path. ``operating`` (its
+        calibrated threshold, see :meth:`operating_thresholds`) replaces the record's ``threshold``, so inference and
+        evaluation call tumour where the calibration put it."""
         path = self.ckpt_dir / "model.pt"
         if self.record is None:
             torch.save(weights, path)
@@ -283,12 +304,31 @@ class TrainingReport:
         network = self.student if source == "best student" else self.teacher
         record = self.record.describe(
             weights=WEIGHTS_KEY, network=network, source=source, val_score=_plain(val_score),
-            selection_metric=self.selection_key,
+            selection_metric=self.selection_key, **({"threshold_calibration": dict(operating)} if operating else {}),
         )
+        if operating:
+            record = {**record, "threshold": operating["threshold"]}
         torch.save({WEIGHTS_KEY: weights, RECORD_KEY: record}, path)
         metadata = self.record.model_metadata(record)
         (self.ckpt_dir / "model_metadata.json").write_text(json.dumps(metadata, indent=4))
         return path
+
+    def operating_thresholds(self, networks: Mapping[str, torch.nn.Module]) -> dict[str, dict[str, Any]]:
+        """Each network's calibrated operating threshold (:func:`operating_threshold`), or {} when
+        ``threshold_fp_budget`` is None; a threshold outside the budget even at 0.99 is logged as such."""
+        if self.threshold_fp_budget is None:
+            return {}
+        out = {}
+        for name, network in networks.items():
+            out[name] = operating_threshold(
+                network, self.validation_loader, self.device, self.threshold_fp_budget, self.threshold,
+                self.smooth_sigma, self.amp,
+            )
+            if not out[name]["within_budget"]:
+                logger.warning(f"{name}: false-positive area {out[name]['fp_area']:.4f} on the validation negatives "
+                               f"even at {out[name]['threshold']:.2f}, above threshold_fp_budget "
+                               f"{self.threshold_fp_budget}")
+        return out
 
     def write(self) -> dict[str, Any]:
         """Save ``model.pt`` (the final model), evaluate the distilled model and the stage-1 teacher on the test split
@@ -303,12 +343,19 @@ class TrainingReport:
         config, modules = resolved_knobs(self.config), resolved_modules(self.config)
         output_dir.mkdir(parents=True, exist_ok=True)
         weights, source, val_score = select_final_model(teacher, role_swap)
-        self.save_model(weights, source, val_score)
         distilled, distilled_source, distilled_score = distilled_model(teacher, role_swap)
         student.load_state_dict(distilled)
+        final_network = student if source == "best student" else teacher
+        operating = self.operating_thresholds(
+            {"teacher": stage1_teacher, "student": student, "model.pt": final_network}
+        )
+        self.save_model(weights, source, val_score, operating.get("model.pt"))
         kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}
         results = {
-            name: evaluate_network(network, test_loader, device, amp, subsets=test_subsets, **kwargs)
+            name: evaluate_network(
+                network, test_loader, device, amp, subsets=test_subsets,
+                **{**kwargs, "threshold": operating[name]["threshold"] if operating else threshold},
+            )
             for name, network in (("teacher", stage1_teacher), ("student", student))
         }
         subsets = {name: result.pop("subsets", {}) for name, result in results.items()}
@@ -322,6 +369,7 @@ class TrainingReport:
             "final_model": {"source": source, "val_score": val_score, "path": str(ckpt_dir / "model.pt")},
             "rounds": role_swap.rounds,
             "target_calibration": self.pseudo_labels.calibrations if self.pseudo_labels is not None else [],
+            "operating_thresholds": operating,
             "config": config,
             "modules": modules,
         }
@@ -351,11 +399,35 @@ class TrainingReport:
                 "By subset of the test images (test_subsets):\n"
                 + format_table(rows, ("n_pos", "n_neg", "f1_pos", "f1_neg", "fp_area"))
             )
+        if operating:
+            print(
+                f"Operating thresholds (threshold_fp_budget {self.threshold_fp_budget}, on "
+                f"{operating['teacher']['n_negatives']} validation negatives): "
+                + ", ".join(f"{name} {o['threshold']:.2f} (false-positive area there {o['fp_area']:.4f}, at "
+                            f"{threshold:.2f} {o['fp_area_at_threshold']:.4f})" for name, o in operating.items())
+            )
         print(
             f"Selection by {selection_key} (swap margin {swap_margin}). Distilled student: {distilled_source}. "
             f"Outputs in {output_dir}; final model {ckpt_dir / 'model.pt'} ({source}, {selection_key} {val_score})"
         )
         return report
+
+
+def operating_threshold(
+    network: torch.nn.Module, validation_loader: Any, device: str | torch.device, fp_budget: float,
+    threshold: float = 0.5, smooth_sigma: float | None = 3.0, amp: bool = False,
+) -> dict[str, Any]:
+    """The lowest threshold, from ``threshold`` (at least 0.5) up, at which ``network`` calls at most ``fp_budget``
+    of the validation negatives' pixels, with its evidence (plain data for ``metrics.json`` and the record)."""
+    curve = negatives_false_positive_curve(network, validation_loader, device, smooth_sigma, amp)
+    calibrated, fp_area = curve.threshold(fp_budget)
+    chosen = max(calibrated, threshold)
+    at_start = float(np.interp(threshold, CALIBRATION_GRID, curve.curve()))
+    return {
+        "threshold": chosen, "fp_budget": fp_budget, "n_negatives": curve.count,
+        "fp_area": fp_area if chosen == calibrated else at_start, "fp_area_at_threshold": at_start,
+        "within_budget": bool((fp_area if chosen == calibrated else at_start) <= fp_budget),
+    }
 
 
 def resolved_knobs(resolved: Mapping[str, Any]) -> dict[str, Any]:

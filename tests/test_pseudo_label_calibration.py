@@ -8,13 +8,9 @@ import pytest
 import torch
 from monai.data import DataLoader
 
-from custom.handlers.pseudo_labels import (
-    CALIBRATION_GRID,
-    PseudoLabelHandler,
-    calibrated_threshold,
-    false_positive_curve,
-)
+from custom.handlers.pseudo_labels import PseudoLabelHandler
 from custom.losses.distillation import DistillationLoss
+from custom.metrics.calibration import CALIBRATION_GRID, calibrated_threshold, false_positive_curve
 
 
 def test_false_positive_curve_counts_pixels_at_or_above_each_threshold():

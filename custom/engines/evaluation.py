@@ -11,12 +11,16 @@ from monai.engines import SupervisedEvaluator
 from monai.engines.utils import default_prepare_batch
 from monai.handlers import from_engine
 from monai.inferers import Inferer
+from monai.utils import IgniteInfo, min_version, optional_import
 
 from custom.engines.batch import PrepareImageMask
+from custom.metrics.calibration import FalsePositiveCurve
 from custom.metrics.segmentation import MILSegmentationHandler
 from custom.metrics.selection import SELECTION_METRICS, SelectionHandler
 
-__all__ = ["selection_evaluator", "selection_key"]
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+
+__all__ = ["negatives_false_positive_curve", "selection_evaluator", "selection_key"]
 
 
 def selection_key(selection_metric: str, prefix: str = "val_") -> str:
@@ -67,3 +71,31 @@ def selection_evaluator(
         val_handlers=list(val_handlers) if val_handlers else None,
         amp=amp,
     )
+
+
+def negatives_false_positive_curve(
+    network: torch.nn.Module,
+    data_loader: Any,
+    device: str | torch.device,
+    smooth_sigma: float | None = 3.0,
+    amp: bool = False,
+    inferer: Inferer | None = None,
+) -> FalsePositiveCurve:
+    """The mean false-positive curve of ``network``'s fused maps on the negatives of ``data_loader`` (batches of
+    images and image labels, as validation's): what a false-positive budget calibrates a threshold on, no mask read."""
+    curve = FalsePositiveCurve(smooth_sigma)
+    evaluator = SupervisedEvaluator(
+        device=device, val_data_loader=data_loader, network=network, inferer=inferer,
+        prepare_batch=default_prepare_batch, amp=amp,
+    )
+
+    def collect(engine: SupervisedEvaluator) -> None:
+        preds, labels = from_engine(["pred", "label"])(engine.state.output)
+        maps = torch.stack([torch.as_tensor(pred)[-1] for pred in preds]).float().cpu().numpy()
+        # a tile of a slide carries (label, slide id): the label comes first
+        image_labels = torch.stack([torch.as_tensor(label).reshape(-1)[0] for label in labels]).float().cpu().numpy()
+        curve.update(maps, image_labels)
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, collect)
+    evaluator.run()
+    return curve

@@ -21,6 +21,7 @@ from PIL import Image
 
 from custom.distributed import barrier, rank, world_size
 from custom.engines.distillation_trainer import DistillationEvents
+from custom.metrics.calibration import CALIBRATION_GRID, calibrated_threshold, false_positive_curve
 from custom.transforms import pseudo_label_path
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -29,13 +30,10 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["PseudoLabelHandler", "MANIFEST_NAME", "MANIFEST_FIELDS", "CALIBRATION_GRID", "calibrated_threshold",
-           "false_positive_curve"]
+__all__ = ["PseudoLabelHandler", "MANIFEST_NAME", "MANIFEST_FIELDS"]
 
 MANIFEST_NAME = "manifest.csv"
 MANIFEST_FIELDS = ("name", "image", "label", "png", "nifti", "round", "epoch", "mean_prob")
-# thresholds a calibration may choose: never below the method's 0.5, in steps of 0.01
-CALIBRATION_GRID = np.round(np.arange(0.50, 1.0, 0.01), 2)
 FP_CURVE_KEY = "_fp_curve"
 
 
@@ -231,19 +229,6 @@ class PseudoLabelHandler:
         """Restore what :meth:`state_dict` saved."""
         self.round = int(state_dict["round"])
         self.calibrations = list(state_dict.get("calibrations", []))
-
-
-def false_positive_curve(prob: np.ndarray) -> np.ndarray:
-    """Share of a negative map's pixels at or above each threshold of ``CALIBRATION_GRID``."""
-    flat = np.sort(np.asarray(prob, dtype=np.float32).ravel())
-    below = np.searchsorted(flat, CALIBRATION_GRID.astype(np.float32), side="left")
-    return (flat.size - below) / flat.size
-
-
-def calibrated_threshold(mean_curve: np.ndarray, fp_budget: float) -> float:
-    """The lowest grid threshold whose mean false-positive area is within the budget (the grid's last if none is)."""
-    within = np.flatnonzero(np.asarray(mean_curve) <= fp_budget)
-    return float(CALIBRATION_GRID[within[0]] if within.size else CALIBRATION_GRID[-1])
 
 
 def _check_written_once(rows: list[dict[str, Any]]) -> None:
