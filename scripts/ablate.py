@@ -130,13 +130,14 @@ def rows_per_seed(results: dict[int, dict[str, dict]]) -> dict[str, list[dict]]:
                 _with_subsets(first["teacher"], first["subsets"].get("teacher", {}))
             )
         for name, metrics in per_variant.items():
-            if name in OWN_STAGE1 and name != SUPERVISED:
+            calibrated = bool(metrics.get("operating_thresholds"))  # its teacher is scored at its own threshold
+            if (name in OWN_STAGE1 and name != SUPERVISED) or calibrated:
                 rows.setdefault(f"MIL teacher: {name}", []).append(
                     _with_subsets(metrics["teacher"], metrics["subsets"].get("teacher", {}))
                 )
             label = "supervised UPPER BOUND (gt masks)" if name == SUPERVISED else f"distilled: {name}"
             rows.setdefault(label, []).append(_with_subsets(metrics["student"], metrics["subsets"].get("student", {})))
-            if name == "full" or (name in OWN_STAGE1 and name != SUPERVISED):
+            if name == "full" or calibrated or (name in OWN_STAGE1 and name != SUPERVISED):
                 source = "teacher" if metrics["final_model"]["source"] == "stage-1 MIL teacher" else "student"
                 rows.setdefault(f"shipped model.pt ({name})", []).append(
                     _with_subsets(shipped_metrics(metrics), metrics["subsets"].get(source, {}))
@@ -166,11 +167,13 @@ def table(results: dict[int, dict[str, dict]]) -> str:
         diffs = {c: [m[variant]["student"][c] - m[variant]["teacher"][c] for m in results.values() if variant in m]
                  for c in PAIRED}
         lines.append(f"  {variant:<20}" + "  ".join(f"{c} {_cell(v)}" for c, v in diffs.items()))
-    full = [m["full"] for m in results.values() if "full" in m]
-    if full:
-        better = sum(shipped_metrics(m)["f1"] >= max(m["teacher"]["f1"], m["student"]["f1"]) for m in full)
+    shipping = sorted({n for per_variant in results.values() for n, m in per_variant.items()
+                       if n == "full" or m.get("operating_thresholds")})
+    for variant in shipping:
+        runs = [m[variant] for m in results.values() if variant in m]
+        better = sum(shipped_metrics(m)["f1"] >= max(m["teacher"]["f1"], m["student"]["f1"]) for m in runs)
         lines.append(
-            f"model.pt (full) was the better of teacher and student on test F1 in {better} of {len(full)} seed(s)"
+            f"model.pt ({variant}) was the better of teacher and student on test F1 in {better} of {len(runs)} seed(s)"
         )
     return "\n".join(lines)
 
