@@ -163,10 +163,12 @@ def table(results: dict[int, dict[str, dict]]) -> str:
              format_table([Column("", 36, "<"), *(Column(c, width) for c in columns)], cells)]
     lines.append("")
     lines.append("paired over seeds: distilled student minus its own seed's stage-1 teacher")
-    for variant in sorted({n for per_variant in results.values() for n in per_variant if n != SUPERVISED}):
+    paired = sorted({n for per_variant in results.values() for n in per_variant if n != SUPERVISED})
+    name_width = max([20, *(len(n) + 2 for n in paired)])
+    for variant in paired:
         diffs = {c: [m[variant]["student"][c] - m[variant]["teacher"][c] for m in results.values() if variant in m]
                  for c in PAIRED}
-        lines.append(f"  {variant:<20}" + "  ".join(f"{c} {_cell(v)}" for c, v in diffs.items()))
+        lines.append(f"  {variant:<{name_width}}" + "  ".join(f"{c} {_cell(v)}" for c, v in diffs.items()))
     shipping = sorted({n for per_variant in results.values() for n, m in per_variant.items()
                        if n == "full" or m.get("operating_thresholds")})
     for variant in shipping:
