@@ -47,6 +47,7 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "calibrated_5pct": ([], {"pseudo_fp_budget": 0.05}),
     "stage2_48": ([], {"stage2_epochs": 48}),
     "stage2_48_calibrated_2pct": ([], {"stage2_epochs": 48, "pseudo_fp_budget": 0.02}),
+    "stage2_48_operating_2pct": ([], {"stage2_epochs": 48, "threshold_fp_budget": 0.02}),
     "operating_2pct": ([], {"threshold_fp_budget": 0.02}),
     "calibrated_2pct_operating_2pct": ([], {"pseudo_fp_budget": 0.02, "threshold_fp_budget": 0.02}),
     "stain_jitter": ([], {"distill_stain_jitter": True}),
