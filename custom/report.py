@@ -24,7 +24,7 @@ from custom.engines.evaluation import negatives_false_positive_curve, selection_
 from custom.handlers.pseudo_labels import PseudoLabelHandler
 from custom.handlers.role_swap import RoleSwapHandler
 from custom.metrics import METRIC_KEYS, evaluate_baselines
-from custom.metrics.calibration import CALIBRATION_GRID
+from custom.metrics.calibration import fp_area_at
 from custom.metrics.segmentation import summarise_scores
 from custom.writers.figures import plot_curves, plot_overlays
 
@@ -313,11 +313,16 @@ class TrainingReport:
         (self.ckpt_dir / "model_metadata.json").write_text(json.dumps(metadata, indent=4))
         return path
 
-    def operating_thresholds(self, networks: Mapping[str, torch.nn.Module]) -> dict[str, dict[str, Any]]:
-        """Each network's calibrated operating threshold (:func:`operating_threshold`), or {} when
-        ``threshold_fp_budget`` is None; a threshold outside the budget even at 0.99 is logged as such."""
+    def operating_thresholds(self, source: str) -> dict[str, dict[str, Any]]:
+        """The calibrated operating thresholds (:func:`operating_threshold`) of the stage-1 teacher, the distilled
+        student (loaded) and ``model.pt`` (from ``source``), or {} when ``threshold_fp_budget`` is None. ``model.pt``
+        takes the student's or the stage-1 teacher's entry when it holds their weights; only a former student that
+        became the teacher is calibrated on its own. A threshold outside the budget even at 0.99 is logged."""
         if self.threshold_fp_budget is None:
             return {}
+        networks = {"teacher": self.stage1_teacher, "student": self.student}
+        if source not in ("best student", "stage-1 MIL teacher"):
+            networks["model.pt"] = self.teacher
         out = {}
         for name, network in networks.items():
             out[name] = operating_threshold(
@@ -328,6 +333,7 @@ class TrainingReport:
                 logger.warning(f"{name}: false-positive area {out[name]['fp_area']:.4f} on the validation negatives "
                                f"even at {out[name]['threshold']:.2f}, above threshold_fp_budget "
                                f"{self.threshold_fp_budget}")
+        out.setdefault("model.pt", out["student"] if source == "best student" else out["teacher"])
         return out
 
     def write(self) -> dict[str, Any]:
@@ -345,16 +351,13 @@ class TrainingReport:
         weights, source, val_score = select_final_model(teacher, role_swap)
         distilled, distilled_source, distilled_score = distilled_model(teacher, role_swap)
         student.load_state_dict(distilled)
-        final_network = student if source == "best student" else teacher
-        operating = self.operating_thresholds(
-            {"teacher": stage1_teacher, "student": student, "model.pt": final_network}
-        )
+        operating = self.operating_thresholds(source)
         self.save_model(weights, source, val_score, operating.get("model.pt"))
         kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}
         results = {
             name: evaluate_network(
-                network, test_loader, device, amp, subsets=test_subsets,
-                **{**kwargs, "threshold": operating[name]["threshold"] if operating else threshold},
+                network, test_loader, device, amp, subsets=test_subsets, smooth_sigma=smooth_sigma,
+                threshold=operating[name]["threshold"] if operating else threshold,
             )
             for name, network in (("teacher", stage1_teacher), ("student", student))
         }
@@ -420,13 +423,10 @@ def operating_threshold(
     """The lowest threshold, from ``threshold`` (at least 0.5) up, at which ``network`` calls at most ``fp_budget``
     of the validation negatives' pixels, with its evidence (plain data for ``metrics.json`` and the record)."""
     curve = negatives_false_positive_curve(network, validation_loader, device, smooth_sigma, amp)
-    calibrated, fp_area = curve.threshold(fp_budget)
-    chosen = max(calibrated, threshold)
-    at_start = float(np.interp(threshold, CALIBRATION_GRID, curve.curve()))
+    chosen, fp_area = curve.threshold(fp_budget, lowest=threshold)
     return {
-        "threshold": chosen, "fp_budget": fp_budget, "n_negatives": curve.count,
-        "fp_area": fp_area if chosen == calibrated else at_start, "fp_area_at_threshold": at_start,
-        "within_budget": bool((fp_area if chosen == calibrated else at_start) <= fp_budget),
+        "threshold": chosen, "fp_budget": fp_budget, "n_negatives": curve.count, "fp_area": fp_area,
+        "fp_area_at_threshold": fp_area_at(curve.curve(), threshold), "within_budget": fp_area <= fp_budget,
     }
 
 

@@ -113,7 +113,29 @@ class LoadPseudoLabeld(Transform, RandomizableTrait):
         return kept[1].clone()
 
 
-class RandFlipRotate90Batchd(MapTransform, RandomizableTransform):
+class _PerImageBatchd(MapTransform, RandomizableTransform):
+    """A random transform of collated (B, C, rows, cols) batches: one draw per image (``randomize(batch_size)``),
+    shared by every listed key of that image (``_apply(batch)``)."""
+
+    def randomize(self, batch_size: int) -> None:  # type: ignore[override]
+        raise NotImplementedError
+
+    def _apply(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """A copy of ``data`` with the listed batch tensors transformed, each image on its own draw."""
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        self.randomize(int(d[keys[0]].shape[0]))
+        for key in keys:
+            d[key] = self._apply(d[key])
+        return d
+
+
+class RandFlipRotate90Batchd(_PerImageBatchd):
     """
     Flip and turn every image of a collated batch on its own draw, the listed keys of one image together.
 
@@ -152,17 +174,6 @@ class RandFlipRotate90Batchd(MapTransform, RandomizableTransform):
         moves = sorted({(bool(f), int(k)) for f, k in zip(self._flip, self._turns)} - {(False, 0)})
         self._groups = [(f, k, np.flatnonzero((self._flip == f) & (self._turns == k))) for f, k in moves]
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        """A copy of ``data`` with the listed (B, C, rows, cols) tensors flipped and turned per image."""
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
-        self.randomize(int(d[keys[0]].shape[0]))
-        for key in keys:
-            d[key] = self._apply(d[key])
-        return d
-
     def _apply(self, batch: torch.Tensor) -> torch.Tensor:
         """``batch`` with each image's drawn flip and turn, one operation per distinct (flip, turns) group."""
         if batch.ndim != 4:
@@ -183,7 +194,7 @@ class RandFlipRotate90Batchd(MapTransform, RandomizableTransform):
         return out
 
 
-class RandStainJitterBatchd(MapTransform, RandomizableTransform):
+class RandStainJitterBatchd(_PerImageBatchd):
     """
     Jitter the amount of haematoxylin, eosin and the residual (DAB) stain of every image of a collated batch on its
     own draw: the stain shift between patients, labs and scanners, which a segmenter must not read as tumour.
@@ -243,16 +254,9 @@ class RandStainJitterBatchd(MapTransform, RandomizableTransform):
         self._alpha = np.where(chosen[:, None], alpha, 1.0)
         self._beta = np.where(chosen[:, None], beta, 0.0)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        """A copy of ``data`` with the listed image batches stain-jittered, one draw per image shared by the keys."""
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        if not keys:
-            return d
-        self.randomize(int(d[keys[0]].shape[0]))
-        for key in keys:
-            d[key] = self.jitter(d[key], self._alpha, self._beta)
-        return d
+    def _apply(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch`` with the drawn stain scales and shifts."""
+        return self.jitter(batch, self._alpha, self._beta)
 
     def jitter(self, batch: torch.Tensor, alpha: np.ndarray, beta: np.ndarray) -> torch.Tensor:
         """``batch`` (normalised (B, 3, rows, cols)) with stain amounts ``c * alpha + beta``; alpha, beta (B, 3)."""

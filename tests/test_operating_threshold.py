@@ -81,3 +81,35 @@ def test_a_run_scores_and_ships_each_model_at_its_calibrated_threshold(tiny_data
     assert record["threshold"] == operating["model.pt"]["threshold"]
     assert record["training"]["threshold_calibration"]["threshold"] == operating["model.pt"]["threshold"]
     assert "Operating thresholds (threshold_fp_budget 0.02" in log
+
+
+def test_a_threshold_above_half_is_where_the_search_starts():
+    # the same negatives (0.6 and 0.8) searched from 0.65: 0.5 of the area there already meets a 0.5 budget
+    out = operating_threshold(ChannelMaps(), _loader([(0.6, 0), (0.8, 0)]), "cpu", 0.5, threshold=0.65)
+    assert out["threshold"] == pytest.approx(0.65) and out["fp_area"] == pytest.approx(0.5)
+    assert out["fp_area_at_threshold"] == pytest.approx(0.5)
+
+
+class Counted(ChannelMaps):
+    """ChannelMaps that counts its forward passes."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("source, own_pass", [("best student", False), ("stage-1 MIL teacher", False),
+                                              ("teacher (a former student, after swaps)", True)])
+def test_model_pt_reuses_the_calibration_of_the_weights_it_holds(source, own_pass, tmp_path):
+    nets = {"stage1_teacher": Counted(), "student": Counted(), "teacher": Counted()}
+    report = TrainingReport(**{k: None for k in ("role_swap", "test_loader", "test_display",
+                                                 "stage1_history", "stage1_epoch_length", "stage2_history",
+                                                 "stage2_epoch_length", "config")},
+                            **nets, output_dir=tmp_path, ckpt_dir=tmp_path, device="cpu", threshold_fp_budget=0.5,
+                            validation_loader=_loader([(0.6, 0)] * 2))
+    out = report.operating_thresholds(source)
+    assert [nets[k].calls for k in ("stage1_teacher", "student", "teacher")] == [1, 1, int(own_pass)]
+    if not own_pass:
+        assert out["model.pt"] is out["student" if source == "best student" else "teacher"]

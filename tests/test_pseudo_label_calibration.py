@@ -96,3 +96,9 @@ def test_handler_refuses_a_budget_without_negatives_or_loss(tmp_path):
         PseudoLabelHandler([], tmp_path, fp_budget=0.02)
     with pytest.raises(ValueError, match="fp_budget must lie in"):
         PseudoLabelHandler([], tmp_path, fp_budget=0.0, loss=DistillationLoss())
+
+
+def test_calibrated_threshold_searches_from_the_lowest_it_is_given():
+    curve = np.linspace(0.10, 0.0, len(CALIBRATION_GRID))
+    assert calibrated_threshold(curve, 0.02, lowest=0.95) == pytest.approx(0.95)
+    assert calibrated_threshold(curve, 0.02, lowest=0.5) == pytest.approx(0.90)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from custom.distributed import barrier, rank, world_size
 from custom.engines.distillation_trainer import DistillationEvents
-from custom.metrics.calibration import CALIBRATION_GRID, calibrated_threshold, false_positive_curve
+from custom.metrics.calibration import CALIBRATION_GRID, calibrated_threshold, false_positive_curve, fp_area_at
 from custom.transforms import pseudo_label_path
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -146,7 +146,7 @@ class PseudoLabelHandler:
                 f"pseudo-labels round {self.round}: the teacher calls {mean_curve[-1]:.4f} of the training negatives "
                 f"even at {CALIBRATION_GRID[-1]:.2f}, above the budget {self.fp_budget}; using {threshold:.2f}."
             )
-        fp_at_threshold = float(mean_curve[CALIBRATION_GRID.searchsorted(threshold)])
+        fp_at_threshold = fp_area_at(mean_curve, threshold)
         self.logger.info(
             f"pseudo-labels round {self.round}: target threshold {threshold:.2f} calibrated on {len(curves)} training "
             f"negatives (their false-positive area {mean_curve[0]:.4f} at 0.50, {fp_at_threshold:.4f} at "

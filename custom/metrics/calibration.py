@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["CALIBRATION_GRID", "calibrated_threshold", "false_positive_curve", "FalsePositiveCurve"]
+__all__ = ["CALIBRATION_GRID", "calibrated_threshold", "false_positive_curve", "fp_area_at", "FalsePositiveCurve"]
 
 CALIBRATION_GRID = np.round(np.arange(0.50, 1.0, 0.01), 2)
 """Thresholds a calibration may choose: never below the method's 0.5, in steps of 0.01."""
@@ -26,10 +26,17 @@ def false_positive_curve(prob: np.ndarray) -> np.ndarray:
     return (flat.size - below) / flat.size
 
 
-def calibrated_threshold(mean_curve: np.ndarray, fp_budget: float) -> float:
-    """The lowest grid threshold whose mean false-positive area is within the budget (the grid's last if none is)."""
-    within = np.flatnonzero(np.asarray(mean_curve) <= fp_budget)
+def calibrated_threshold(mean_curve: np.ndarray, fp_budget: float, lowest: float = 0.5) -> float:
+    """The lowest grid threshold, from ``lowest`` up, whose mean false-positive area is within the budget (the grid's
+    last if none is)."""
+    start = int(CALIBRATION_GRID.searchsorted(round(lowest, 2)))
+    within = start + np.flatnonzero(np.asarray(mean_curve)[start:] <= fp_budget)
     return float(CALIBRATION_GRID[within[0]] if within.size else CALIBRATION_GRID[-1])
+
+
+def fp_area_at(mean_curve: np.ndarray, threshold: float) -> float:
+    """The curve's false-positive area at a grid threshold."""
+    return float(np.asarray(mean_curve)[int(CALIBRATION_GRID.searchsorted(round(threshold, 2)))])
 
 
 class FalsePositiveCurve:
@@ -57,8 +64,8 @@ class FalsePositiveCurve:
             raise ValueError("no negative image was seen: a false-positive budget needs negatives to calibrate on")
         return self.total / self.count
 
-    def threshold(self, fp_budget: float) -> tuple[float, float]:
-        """(calibrated threshold, mean false-positive area at it) for ``fp_budget``."""
+    def threshold(self, fp_budget: float, lowest: float = 0.5) -> tuple[float, float]:
+        """(calibrated threshold from ``lowest`` up, mean false-positive area at it) for ``fp_budget``."""
         curve = self.curve()
-        threshold = calibrated_threshold(curve, fp_budget)
-        return threshold, float(curve[CALIBRATION_GRID.searchsorted(threshold)])
+        threshold = calibrated_threshold(curve, fp_budget, lowest)
+        return threshold, fp_area_at(curve, threshold)
