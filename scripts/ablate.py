@@ -58,6 +58,8 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "masks_all": ([], {"strong_fraction": 1.0}),
     "masks_5pct_w5": ([], {"strong_fraction": 0.05, "strong_weight": 5.0}),
     "masks_5pct_w20": ([], {"strong_fraction": 0.05, "strong_weight": 20.0}),
+    "masks_5pct_share25": ([], {"strong_fraction": 0.05, "strong_share": 0.25}),
+    "masks_5pct_share50": ([], {"strong_fraction": 0.05, "strong_share": 0.5}),
 }
 DEFAULT_VARIANTS = ("full", "no_wce", "no_swap", "supervised_upper_bound")
 COLUMNS = ("f1", "f1_pos", "f1_neg", "iou", "hd", "pixel_dice", "auc", "fp_area")
@@ -65,7 +67,7 @@ PAIRED = ("f1", "f1_pos", "f1_neg", "fp_area")
 SUPERVISED = "supervised_upper_bound"
 # variants whose stage 1 differs from the shared one (mixed supervision changes the teacher's loss): they train their
 # own, and the table gives their teacher and shipped model.pt beside their student
-OWN_STAGE1 = frozenset({SUPERVISED, "masks_5pct", "masks_20pct", "masks_all", "masks_5pct_w5", "masks_5pct_w20"})
+OWN_STAGE1 = frozenset({SUPERVISED} | {name for name, (_, over) in VARIANTS.items() if "strong_fraction" in over})
 STAGE1_FILES = ("stage1_checkpoint_epoch=*.pt", "teacher_best.pt")
 
 

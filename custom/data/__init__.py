@@ -7,10 +7,10 @@ from .datasets import (
     PatchFolderDataset,
     SlideBagDataset,
     SlideTileDataset,
-    epoch_sampler,
     patch_transforms,
     readable_slides,
 )
 from .images import read_mask, read_rgb
+from .samplers import EpochSampler, epoch_sampler, strong_weights
 from .strong_labels import STRONG_KEY, read_strong_datalist, with_strong_labels
 from .synthetic import SyntheticSpec, ensure_sample_data, generate_dataset

@@ -37,7 +37,6 @@ __all__ = [
     "SlideTileDataset",
     "SlideBagDataset",
     "readable_slides",
-    "epoch_sampler",
 ]
 
 RESIZE_MODES = ("resize", "center_crop", "none")
@@ -364,17 +363,3 @@ class SlideBagDataset(torch.utils.data.Dataset):
         keys = ("image", "mask", "location")
         bag = {key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in keys}
         return {**bag, "label": items[0]["label"], "slide": slide, "name": Path(slide).stem}
-
-
-def epoch_sampler(dataset: torch.utils.data.Dataset, num_samples: int | None) -> torch.utils.data.Sampler | None:
-    """``num_samples`` items of ``dataset`` drawn afresh each epoch (without replacement), or None for every item.
-
-    Whole slides hold far more tiles than an epoch needs: a fixed number per epoch keeps an epoch's length (and the
-    validation and swap schedule counted in epochs) independent of how many slides there are. The draw uses torch's
-    global RNG, which the per-epoch seeding of the trainers sets, so a resumed run draws the same tiles.
-    """
-    if num_samples is None:
-        return None
-    if num_samples < 1:
-        raise ValueError(f"tiles per epoch must be >= 1 or null, got {num_samples}")
-    return torch.utils.data.RandomSampler(dataset, num_samples=min(int(num_samples), len(dataset)))
