@@ -87,6 +87,9 @@ def subset_metrics(rows: torch.Tensor, names: Sequence[str], subsets: Mapping[st
         subset = next((s for s, pattern in patterns.items() if pattern.search(name)), None)
         if subset is not None:
             members[subset].append(index)
+    empty = [f"{subset} ({patterns[subset].pattern!r})" for subset, indices in members.items() if not indices]
+    if empty:
+        logger.info("test subsets without an image, left out: %s", ", ".join(empty))
     return {
         subset: {k: _plain(v) for k, v in summarise_scores(rows[indices]).items()}
         for subset, indices in members.items() if indices

@@ -1,9 +1,11 @@
 """Which weights the report calls the distilled model and which it ships as model.pt."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from test_bundle_training import CONFIGS
 
 from custom.report import distilled_model, select_final_model, subset_metrics
 
@@ -50,7 +52,8 @@ def test_final_model_needs_a_higher_validation_score(best_score, shipped):
     assert select_final_model(teacher, role_swap)[1] == shipped
 
 
-def test_subset_metrics_split_negatives_by_name():
+def test_subset_metrics_split_negatives_by_name(caplog):
+    caplog.set_level("INFO")
     # rows as image_scores makes them: label, f1, iou, hd, intersection, pred size, true size, mil score, pixels
     rows = torch.tensor([
         [1, 0.8, 0.7, 3.0, 40, 50, 50, 0.9, 100],  # GT1 positive
@@ -64,6 +67,12 @@ def test_subset_metrics_split_negatives_by_name():
     assert subsets["benign"]["fp_area"] == pytest.approx(0.5) and subsets["benign"]["f1_neg"] == pytest.approx(0.5)
     assert subsets["rest"]["n_pos"] == 1 and subsets["rest"]["fp_area"] == pytest.approx(0.5)
     assert subset_metrics(rows, names, {"none": "^zzz"}) == {}  # a subset without images is left out
+    # the shipped pattern also finds benign names behind patch_folder_datalist's pos_/neg_ prefix, and only them
+    shipped = json.loads((CONFIGS / "train.json").read_text())["test_subsets"]
+    prefixed = ["pos_GT1-1", "neg_GT2-1", "neg_polyp_GT3-1", "neg_low-grade_GT4-1"]
+    assert subset_metrics(rows, prefixed, shipped)["benign"]["n_neg"] == 2
+    assert subset_metrics(rows, prefixed, shipped)["rest"]["n_neg"] == 1
+    assert "test subsets without an image, left out: none ('^zzz')" in caplog.text
     with pytest.raises(ValueError, match="4 score rows but 3 image names"):
         subset_metrics(rows, names[:3], {"rest": ""})
 
