@@ -5,7 +5,9 @@ folder of its own (``out/seed{S}/{variant}``). Per seed, stage 1 (the MIL teache
 are copied into every other variant's folder, where ``run_stage`` finds the finished stage and goes straight to the
 distillation. The supervised upper bound (gt masks, bundle/configs/supervised.json) trains its own network and is
 labelled as such; so do the mixed-supervision variants (``masks_5pct``, ``masks_20pct``, ``masks_all``: that share of
-the training positives' masks used as strong labels, ``strong_fraction``), whose teacher and model.pt get rows.
+the training positives' masks used as strong labels, ``strong_fraction``, drawn at their natural share of an epoch;
+``masks_5pct_share25`` and ``_share50`` draw them at that share, ``strong_share``), whose teacher and model.pt get
+rows.
 Each cell is the mean and standard deviation over seeds; the paired rows give the distilled student minus its own
 seed's teacher.
 
@@ -53,11 +55,11 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "stain_jitter": ([], {"distill_stain_jitter": True}),
     "stain_jitter_calibrated_2pct": ([], {"distill_stain_jitter": True, "pseudo_fp_budget": 0.02}),
     "supervised_upper_bound": (["supervised.json"], {}),
-    "masks_5pct": ([], {"strong_fraction": 0.05}),
-    "masks_20pct": ([], {"strong_fraction": 0.2}),
+    "masks_5pct": ([], {"strong_fraction": 0.05, "strong_share": None}),
+    "masks_20pct": ([], {"strong_fraction": 0.2, "strong_share": None}),
     "masks_all": ([], {"strong_fraction": 1.0}),
-    "masks_5pct_w5": ([], {"strong_fraction": 0.05, "strong_weight": 5.0}),
-    "masks_5pct_w20": ([], {"strong_fraction": 0.05, "strong_weight": 20.0}),
+    "masks_5pct_w5": ([], {"strong_fraction": 0.05, "strong_weight": 5.0, "strong_share": None}),
+    "masks_5pct_w20": ([], {"strong_fraction": 0.05, "strong_weight": 20.0, "strong_share": None}),
     "masks_5pct_share25": ([], {"strong_fraction": 0.05, "strong_share": 0.25}),
     "masks_5pct_share50": ([], {"strong_fraction": 0.05, "strong_share": 0.5}),
 }

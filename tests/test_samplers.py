@@ -30,6 +30,9 @@ def test_strong_weights_by_hand():
     assert sum(weights) == pytest.approx(1.0)
     assert strong_weights(_Items([False] * 4).data, 0.5) is None  # nothing to oversample
     assert strong_weights(_Items([True] * 4).data, 0.5) is None
+    # a share is a floor: 3 strong of 10 already make 0.25, and the supervised upper bound's positives stay as many
+    assert strong_weights(_Items([True] * 3 + [False] * 7).data, 0.25) is None
+    assert strong_weights(_Items([True] * 2 + [False] * 8).data, 0.25) == pytest.approx([0.125] * 2 + [0.09375] * 8)
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0, -0.1, 1.5])
@@ -90,6 +93,9 @@ def test_train_config_wires_the_share_into_both_stages(tiny_data):  # noqa: F811
         assert loader.sampler.weights.tolist() == pytest.approx(expected)
     default = _parsed(tiny_data).get_parsed_content("train#dataloader")
     assert not isinstance(default.sampler, EpochSampler)  # shuffle=True: torch's RandomSampler
+    # the upper bound's strong positives already make more than the default share: its epoch is not reweighted
+    supervised = _parsed(tiny_data, ("supervised.json",)).get_parsed_content("train#dataloader")
+    assert not isinstance(supervised.sampler, EpochSampler)
 
 
 def test_distributed_without_either_knob_keeps_monais_sampler(monkeypatch):

@@ -5,8 +5,8 @@ Two knobs shape an epoch and they share one sampler so that they combine (and wo
 - ``tiles_per_epoch``: whole slides hold far more tiles than an epoch needs; a fixed number per epoch keeps an
   epoch's length (and the validation and swap schedule counted in epochs) independent of how many slides there are;
 - ``strong_share``: with mixed supervision a few masked images sit among hundreds of weak ones (6 of 226 at 5 % of
-  the masks, one batch in three sees one); drawing them with a fixed expected share of every batch lets the
-  supervised term act at every step instead of now and then.
+  the masks, one batch in three sees one); drawing them with at least a fixed expected share of every batch lets
+  the supervised term act at every step instead of now and then.
 
 Draws use torch's global RNG, which the trainers' per-epoch seeding (``EpochSeedHandler``) sets identically on
 every rank, so a resumed run draws the same items and the ranks agree on one global draw, each taking every
@@ -62,12 +62,16 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 
 
 def strong_weights(items: Sequence[dict], share: float) -> list[float] | None:
-    """Per-item draw weights that give strong-labelled items ``share`` of the draws; None when there are none."""
+    """Per-item draw weights that raise strong-labelled items to ``share`` of the draws; None where nothing to raise.
+
+    Only ever a raise: where strong items already make ``share`` of the items (the supervised upper bound, every
+    mask in use) the epoch stays as it is, so that the share never thins out the masks a run has.
+    """
     if not 0.0 < share < 1.0:
         raise InputError(f"strong_share must be in (0, 1) or null, got {share}")
     strong = [bool(item.get(STRONG_KEY, False)) for item in items]
     n_strong = sum(strong)
-    if n_strong == 0 or n_strong == len(items):
+    if n_strong == 0 or n_strong >= share * len(items):
         return None
     return [share / n_strong if s else (1.0 - share) / (len(items) - n_strong) for s in strong]
 
@@ -96,6 +100,4 @@ def epoch_sampler(
             "%.1f times, with replacement)", strong_share, n_strong, len(dataset), sampler.num_samples,
             strong_share * sampler.num_samples / n_strong,
         )
-    elif strong_share:
-        logger.warning("strong_share %g ignored: the training items are all strong or all weak", strong_share)
     return sampler

@@ -44,8 +44,11 @@ TRAIN_INTS = {
 }
 """Integer train parameters and their bounds (``max_epochs``, ``train_batch_size`` and ``val_batch_size`` are the
 names QuPath's Run Training sends)."""
-TRAIN_FLOATS = {"learning_rate": (0.0, 1.0), "strong_weight": (0.0, 100.0)}
-"""Real-valued train parameters and their bounds (``learning_rate`` must be above its lower bound)."""
+TRAIN_FLOATS = {"learning_rate": (0.0, 1.0), "strong_weight": (0.0, 100.0), "strong_share": (0.0, 1.0)}
+"""Real-valued train parameters and their bounds (see ``OPEN_BOUNDS`` for the bounds a value may not take)."""
+OPEN_BOUNDS = {"learning_rate": (True, False), "strong_share": (True, True)}
+"""Per real-valued key, whether its (lower, upper) bound is excluded: a learning rate of 0 learns nothing, and the
+share of the corrections in an epoch's draws must leave room for both kinds of image."""
 TRAIN_KEYS = frozenset(TRAIN_INTS) | frozenset(TRAIN_FLOATS)
 """Every key a ``/train`` request may hold."""
 
@@ -109,8 +112,9 @@ def _train_number(key: str, value: Any) -> int | float:
     low, high = TRAIN_FLOATS[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise HTTPException(400, f"'{key}' must be a number in [{low}, {high}], got {value!r}")
-    if not low <= value <= high or (key == "learning_rate" and value == low):
-        bounds = f"({low}, {high}]" if key == "learning_rate" else f"[{low}, {high}]"
+    open_low, open_high = OPEN_BOUNDS.get(key, (False, False))
+    if not low <= value <= high or (open_low and value == low) or (open_high and value == high):
+        bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
         raise HTTPException(400, f"'{key}' must be a number in {bounds}, got {value!r}")
     return float(value)
 

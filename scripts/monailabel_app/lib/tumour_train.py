@@ -51,7 +51,9 @@ DEFAULT_TRAIN_CONFIGS = ("train.json", "cpu_train.json")
 """Config files of ``bundle/configs`` a round merges, in order, unless the app's ``train_configs`` says otherwise."""
 MONAI_LABEL_KEYS = frozenset({"model", "local_rank", "gpus", "bundle_path"})
 """Keys MONAI Label adds to a train request itself (not the client's parameters)."""
-SHOWN_KNOBS = ("stage1_epochs", "stage2_epochs", "learning_rate", "batch_size", "strong_weight", "image_size", "seed")
+SHOWN_KNOBS = (
+    "stage1_epochs", "stage2_epochs", "learning_rate", "batch_size", "strong_weight", "strong_share", "image_size", "seed"
+)
 """The knobs a round's defaults are shown for in ``/info/`` (the ones a request may set, QuPath's names aside)."""
 KEPT_ROUNDS = 2
 """Round folders kept in the app's ``train`` folder (the newest ones)."""
