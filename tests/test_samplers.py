@@ -55,6 +55,7 @@ def test_strong_items_make_the_share_of_an_epoch():
 
 def test_both_knobs_off_is_plain_shuffling():
     assert epoch_sampler(_Items([True, False]), None, None) is None
+    assert epoch_sampler(_Items([True] + [False] * 9), None, 0.0) is None  # the command line's "off"
 
 
 def test_items_per_epoch_without_replacement():

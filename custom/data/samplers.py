@@ -84,6 +84,8 @@ def epoch_sampler(
 ) -> torch.utils.data.Sampler | None:
     """The training sampler for ``tiles_per_epoch`` and ``strong_share``; None (plain shuffling) when both are off.
 
+    ``strong_share`` 0 is off like None: MONAI's ``run`` drops a ``None`` override, so 0 is how a command line says it.
+
     ``distributed`` (``multi_gpu_train.json``) shards the draw over the ranks; with both knobs off it is MONAI's
     evenly divisible, shuffling ``DistributedSampler``.
     """

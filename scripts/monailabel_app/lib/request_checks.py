@@ -46,9 +46,9 @@ TRAIN_INTS = {
 names QuPath's Run Training sends)."""
 TRAIN_FLOATS = {"learning_rate": (0.0, 1.0), "strong_weight": (0.0, 100.0), "strong_share": (0.0, 1.0)}
 """Real-valued train parameters and their bounds (see ``OPEN_BOUNDS`` for the bounds a value may not take)."""
-OPEN_BOUNDS = {"learning_rate": (True, False), "strong_share": (True, True)}
+OPEN_BOUNDS = {"learning_rate": (True, False), "strong_share": (False, True)}
 """Per real-valued key, whether its (lower, upper) bound is excluded: a learning rate of 0 learns nothing, and the
-share of the corrections in an epoch's draws must leave room for both kinds of image."""
+corrections' share of an epoch's draws must leave room for the weak images (0 draws them like any other image)."""
 TRAIN_KEYS = frozenset(TRAIN_INTS) | frozenset(TRAIN_FLOATS)
 """Every key a ``/train`` request may hold."""
 

@@ -52,7 +52,8 @@ DEFAULT_TRAIN_CONFIGS = ("train.json", "cpu_train.json")
 MONAI_LABEL_KEYS = frozenset({"model", "local_rank", "gpus", "bundle_path"})
 """Keys MONAI Label adds to a train request itself (not the client's parameters)."""
 SHOWN_KNOBS = (
-    "stage1_epochs", "stage2_epochs", "learning_rate", "batch_size", "strong_weight", "strong_share", "image_size", "seed"
+    "stage1_epochs", "stage2_epochs", "learning_rate", "batch_size", "strong_weight", "strong_share", "image_size",
+    "seed",
 )
 """The knobs a round's defaults are shown for in ``/info/`` (the ones a request may set, QuPath's names aside)."""
 KEPT_ROUNDS = 2
