@@ -356,7 +356,6 @@ class TrainingReport:
         student.load_state_dict(distilled)
         operating = self.operating_thresholds(source)
         self.save_model(weights, source, val_score, operating.get("model.pt"))
-        kwargs = {"smooth_sigma": smooth_sigma, "threshold": threshold}
         results = {
             name: evaluate_network(
                 network, test_loader, device, amp, subsets=test_subsets, smooth_sigma=smooth_sigma,
@@ -365,7 +364,7 @@ class TrainingReport:
             for name, network in (("teacher", stage1_teacher), ("student", student))
         }
         subsets = {name: result.pop("subsets", {}) for name, result in results.items()}
-        baselines = dataset_baselines(test_display, **kwargs)
+        baselines = dataset_baselines(test_display, smooth_sigma=smooth_sigma, threshold=threshold)
         report = {
             **results,
             "baselines": baselines,

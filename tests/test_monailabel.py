@@ -427,6 +427,7 @@ def _hostile_requests(setup: dict) -> list[tuple[str, str, dict, int, str]]:
         ("POST", "/train/tumour", train({"learning_rate": 0}), 400, "'learning_rate' must be a number in (0.0, 1.0]"),
         ("POST", "/train/tumour", train({"strong_weight": "1"}), 400, "'strong_weight' must be a number"),
         ("POST", "/train/tumour", train({"strong_share": 1.0}), 400, "'strong_share' must be a number in [0.0, 1.0)"),
+        ("POST", "/train/tumour", train({"strong_share": "x"}), 400, "'strong_share' must be a number in [0.0, 1.0)"),
         ("POST", "/train/tumour", train({"image_size": 100}), 400, "multiple of 8"),
         ("POST", "/train/tumour", train({"batch_size": 4, "train_batch_size": 8}), 400, "differ"),
         ("POST", "/train/tumour", dict(content=b'{"learning_rate": NaN}', headers=JSON), 400, "NaN is not a JSON"),

@@ -41,10 +41,12 @@ def test_strong_share_outside_the_open_interval_is_refused(share):
         strong_weights(_Items([True, False]).data, share)
 
 
-def test_strong_items_make_the_share_of_an_epoch():
+def test_strong_items_make_the_share_of_an_epoch(caplog):
     # 6 strong of 226 (the 5 % mosaics case): natural share 2.7 %, asked 25 %
+    caplog.set_level("INFO")
     dataset = _Items([True] * 6 + [False] * 220)
     sampler = epoch_sampler(dataset, strong_share=0.25)
+    assert "the 6 strong of 226 items (2.7 %)" in caplog.text and "each about 9.4 times" in caplog.text
     assert isinstance(sampler, EpochSampler) and len(sampler) == 226
     torch.manual_seed(0)
     draws = [i for _ in range(40) for i in sampler]

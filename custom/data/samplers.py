@@ -73,6 +73,11 @@ def strong_weights(items: Sequence[dict], share: float) -> list[float] | None:
     n_strong = sum(strong)
     if n_strong == 0 or n_strong >= share * len(items):
         return None
+    logger.info(
+        "strong_share %g: the %d strong of %d items (%.1f %%) are drawn, with replacement, as that share of every "
+        "epoch (each about %.1f times per pass over the items)", share, n_strong, len(items),
+        100 * n_strong / len(items), share * len(items) / n_strong,
+    )
     return [share / n_strong if s else (1.0 - share) / (len(items) - n_strong) for s in strong]
 
 
@@ -94,12 +99,4 @@ def epoch_sampler(
     if weights is None and num_samples is None:
         return DistributedSampler(dataset, even_divisible=True, shuffle=True) if distributed else None
     per_epoch = len(dataset) if num_samples is None else int(num_samples)
-    sampler = EpochSampler(len(dataset), per_epoch, weights, rank, world)
-    if weights is not None:
-        n_strong = sum(bool(item.get(STRONG_KEY, False)) for item in dataset.data)
-        logger.info(
-            "strong_share %g: %d strong of %d items make that share of each epoch's %d draws (each strong item about "
-            "%.1f times, with replacement)", strong_share, n_strong, len(dataset), sampler.num_samples,
-            strong_share * sampler.num_samples / n_strong,
-        )
-    return sampler
+    return EpochSampler(len(dataset), per_epoch, weights, rank, world)

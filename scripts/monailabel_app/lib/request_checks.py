@@ -110,11 +110,10 @@ def _train_number(key: str, value: Any) -> int | float:
             raise HTTPException(400, f"'image_size' must be a multiple of 8 (the network pools 3 times), got {value}")
         return value
     low, high = TRAIN_FLOATS[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise HTTPException(400, f"'{key}' must be a number in [{low}, {high}], got {value!r}")
     open_low, open_high = OPEN_BOUNDS.get(key, (False, False))
-    if not low <= value <= high or (open_low and value == low) or (open_high and value == high):
-        bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not number or not low <= value <= high or (open_low and value == low) or (open_high and value == high):
         raise HTTPException(400, f"'{key}' must be a number in {bounds}, got {value!r}")
     return float(value)
 
