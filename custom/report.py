@@ -149,8 +149,13 @@ def select_final_model(
     was the worse of the two on test in 3 of 3 seeds (bundle/docs/README.md, Results)."""
     best, best_score = role_swap.best_student_state, role_swap.best_student_score
     if best is not None and (role_swap.teacher_score is None or best_score > role_swap.teacher_score):
-        return copy.deepcopy(best), "best student", best_score
+        return copy.deepcopy(best), f"{role_swap.keep} student", best_score
     return copy.deepcopy(teacher.state_dict()), _teacher_origin(role_swap), role_swap.teacher_score
+
+
+def is_student(source: str) -> bool:
+    """Whether a model source (:func:`select_final_model`) is the kept student, best or last by ``checkpoint_policy``."""
+    return source in ("best student", "last student")
 
 
 def distilled_model(
@@ -162,7 +167,7 @@ def distilled_model(
         _swapped(role_swap) and not role_swap.best_student_score > role_swap.teacher_score
     ):
         return copy.deepcopy(teacher.state_dict()), _teacher_origin(role_swap), role_swap.teacher_score
-    return copy.deepcopy(role_swap.best_student_state), "best student", role_swap.best_student_score
+    return copy.deepcopy(role_swap.best_student_state), f"{role_swap.keep} student", role_swap.best_student_score
 
 
 def _swapped(role_swap: RoleSwapHandler) -> bool:
@@ -218,7 +223,8 @@ class TrainingReport:
         student: stage 2's student; loaded with the distilled model before it is evaluated.
         role_swap: stage 2's ``RoleSwapHandler`` (its rounds and best student).
         pseudo_labels: stage 2's ``PseudoLabelHandler``; its target calibrations (``pseudo_fp_budget``), one per
-            pseudo-label round, go into ``metrics.json`` as ``target_calibration`` (empty when it is off).
+            pseudo-label round, go into ``metrics.json`` as ``target_calibration`` (empty when it is off), and which
+            network wrote each round's maps as ``pseudo_label_sources`` (``teacher_snapshots``).
         test_loader: batches of the test split (image, mask, label, name), normalised.
         test_display: the same items in [0, 1], index-aligned with ``test_loader.dataset``.
         stage1_history, stage2_history: the stages' ``MetricLogger`` (training curves).
@@ -304,7 +310,7 @@ class TrainingReport:
         if self.record is None:
             torch.save(weights, path)
             return path
-        network = self.student if source == "best student" else self.teacher
+        network = self.student if is_student(source) else self.teacher
         record = self.record.describe(
             weights=WEIGHTS_KEY, network=network, source=source, val_score=_plain(val_score),
             selection_metric=self.selection_key, **({"threshold_calibration": dict(operating)} if operating else {}),
@@ -324,7 +330,7 @@ class TrainingReport:
         if self.threshold_fp_budget is None:
             return {}
         networks = {"teacher": self.stage1_teacher, "student": self.student}
-        if source not in ("best student", "stage-1 MIL teacher"):
+        if not is_student(source) and source != "stage-1 MIL teacher":
             networks["model.pt"] = self.teacher
         out = {}
         for name, network in networks.items():
@@ -336,7 +342,7 @@ class TrainingReport:
                 logger.warning(f"{name}: false-positive area {out[name]['fp_area']:.4f} on the validation negatives "
                                f"even at {out[name]['threshold']:.2f}, above threshold_fp_budget "
                                f"{self.threshold_fp_budget}")
-        out.setdefault("model.pt", out["student"] if source == "best student" else out["teacher"])
+        out.setdefault("model.pt", out["student"] if is_student(source) else out["teacher"])
         return out
 
     def write(self) -> dict[str, Any]:
@@ -374,6 +380,7 @@ class TrainingReport:
             "final_model": {"source": source, "val_score": val_score, "path": str(ckpt_dir / "model.pt")},
             "rounds": role_swap.rounds,
             "target_calibration": self.pseudo_labels.calibrations if self.pseudo_labels is not None else [],
+            "pseudo_label_sources": self.pseudo_labels.sources if self.pseudo_labels is not None else [],
             "operating_thresholds": operating,
             "config": config,
             "modules": modules,

@@ -36,6 +36,8 @@ CONFIGS = ROOT / "bundle" / "configs"
 # name -> (extra config files merged after train.json, overrides); the first variant trains the shared stage 1
 VARIANTS: dict[str, tuple[list[str], dict]] = {
     "full": ([], {}),
+    "snapshots_1": ([], {"teacher_snapshots": 1}),
+    "checkpoint_best": ([], {"checkpoint_policy": "best", "teacher_snapshots": 1}),
     "no_wce": ([], {"use_wce": False}),
     "no_swap": ([], {"swap_policy": "off"}),
     "periodic_swap": ([], {"swap_policy": "periodic"}),
@@ -70,7 +72,7 @@ SUPERVISED = "supervised_upper_bound"
 # variants whose stage 1 differs from the shared one (mixed supervision changes the teacher's loss): they train their
 # own, and the table gives their teacher and shipped model.pt beside their student
 OWN_STAGE1 = frozenset({SUPERVISED} | {name for name, (_, over) in VARIANTS.items() if "strong_fraction" in over})
-STAGE1_FILES = ("stage1_checkpoint_epoch=*.pt", "teacher_best.pt")
+STAGE1_FILES = ("stage1_checkpoint_epoch=*.pt", "teacher_best.pt", "stage1_snapshot_epoch=*.pt")
 
 
 def run_training(run_dir: Path, dataset_dir: str, configs: list[str], overrides: dict) -> dict:

@@ -84,6 +84,11 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
     # the last two epochs of each stage are kept: a run killed while writing one resumes from the other
     assert sorted(p.name for p in models.glob("stage*_checkpoint_epoch=*.pt")) == [
         f"stage{s}_checkpoint_epoch={e}.pt" for s in (1, 2) for e in (1, 2)]
+    # the teacher's last stage-1 epochs (teacher_snapshots 3; the tiny run has 2) wrote the first pseudo-labels
+    assert sorted(p.name for p in models.glob("stage1_snapshot_epoch=*.pt")) == [
+        "stage1_snapshot_epoch=1.pt", "stage1_snapshot_epoch=2.pt"]
+    assert "3 stage-1 snapshots asked (teacher_snapshots), 2 found" in log
+    assert "if_better, val_area_contrast, margin 0.01): teacher" in log and "last student" in log  # checkpoint_policy
     # metrics.json: test fields of the stage-1 teacher and the final model, the rounds, the config
     report = json.loads((out / "metrics.json").read_text())
     for model in ("teacher", "student"):
@@ -91,6 +96,7 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
         assert report[model]["n_pos"] == 6 and report[model]["n_neg"] == 10
         assert 0.0 <= report[model]["f1"] <= 1.0
     assert [r["epoch"] for r in report["rounds"]] == [1, 2]
+    assert report["pseudo_label_sources"][0] == {"round": 0, "maps": "mean of the stage-1 teacher's epochs [1, 2]"}
     assert all(set(r) == {"epoch", "metric", "teacher_score", "student_score", "swapped"} for r in report["rounds"])
     assert (all(r["metric"] == "val_area_contrast" for r in report["rounds"])
             and report["selection"]["metric"] == "val_area_contrast")

@@ -2,6 +2,7 @@
 them."""
 
 import csv
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -16,8 +17,10 @@ from skimage.io import imread
 from tiny_mil_net import TinyMILNet
 
 from custom.engines.distillation_trainer import DistillationEvents, DistillationTrainer
+from custom.handlers import SNAPSHOT_PREFIX, EpochWeightsSaver, epoch_weight_files, stage1_model_path
 from custom.handlers.pseudo_labels import PseudoLabelHandler
 from custom.losses.distillation import DistillationLoss
+from custom.networks import MeanEnsemble
 from custom.transforms import LoadPseudoLabeld
 
 N, SIZE = 6, 16
@@ -123,10 +126,10 @@ def test_swap_regenerates_and_cache_dataset_never_serves_stale_maps(tmp_path):
 def test_handler_state_round_trip():
     handler = PseudoLabelHandler([], "unused")
     handler.load_state_dict({"round": 3})
-    assert handler.state_dict() == {"round": 3, "calibrations": []}
-    calibration = {"round": 2, "threshold": 0.7}
-    handler.load_state_dict({"round": 2, "calibrations": [calibration]})
-    assert handler.state_dict() == {"round": 2, "calibrations": [calibration]}
+    assert handler.state_dict() == {"round": 3, "calibrations": [], "sources": []}
+    calibration, source = {"round": 2, "threshold": 0.7}, {"round": 0, "maps": "teacher"}
+    handler.load_state_dict({"round": 2, "calibrations": [calibration], "sources": [source]})
+    assert handler.state_dict() == {"round": 2, "calibrations": [calibration], "sources": [source]}
 
 
 def test_bad_names_and_missing_files_raise(tmp_path):
@@ -186,3 +189,89 @@ def test_maps_kept_in_memory_train_exactly_as_maps_read_every_time(tmp_path):
     assert [v.item() for v in losses[True]] == [v.item() for v in losses[False]]
     for name, value in weights[True].items():
         assert torch.equal(value, weights[False][name]), name
+
+
+def _save_snapshots(networks, save_dir, keep_last):
+    """Each network's weights as one stage-1 epoch (1, 2, ...), through the saver the bundle uses."""
+    for epoch, network in enumerate(networks, start=1):
+        saver = EpochWeightsSaver(network, save_dir, SNAPSHOT_PREFIX, keep_last=keep_last)
+        saver(SimpleNamespace(state=SimpleNamespace(epoch=epoch)))
+
+
+def test_first_round_is_the_mean_of_the_last_snapshots_and_a_swap_returns_to_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    teacher, epochs, items = TinyMILNet(), [TinyMILNet() for _ in range(3)], _items()
+    _save_snapshots(epochs, tmp_path / "models", keep_last=2)
+    assert [p.name for p in epoch_weight_files(tmp_path / "models", SNAPSHOT_PREFIX)] == [
+        "stage1_snapshot_epoch=2.pt", "stage1_snapshot_epoch=3.pt"]  # epoch 1 deleted by keep_last
+    handler = PseudoLabelHandler(DataLoader(items, batch_size=4), tmp_path / "pseudo", snapshot_dir=tmp_path / "models",
+                                 snapshots=2)
+    handler(SimpleNamespace(teacher=teacher, state=SimpleNamespace(device="cpu", epoch=0)))
+    expected = (_teacher_fused(epochs[1], items) + _teacher_fused(epochs[2], items)) / 2
+    for i in range(N):
+        np.testing.assert_allclose(nib.load(tmp_path / "pseudo" / f"im{i}.nii.gz").get_fdata(), expected[i], atol=1e-6)
+    assert not np.allclose(expected, _teacher_fused(teacher, items), atol=1e-3)
+    assert handler.sources == [{"round": 0, "maps": "mean of the stage-1 teacher's epochs [2, 3]"}]
+    handler.on_swap(SimpleNamespace(teacher=teacher, state=SimpleNamespace(device="cpu", epoch=4)))
+    np.testing.assert_allclose(nib.load(tmp_path / "pseudo" / "im0.nii.gz").get_fdata(),
+                               _teacher_fused(teacher, items)[0], atol=1e-6)
+    assert handler.sources[-1] == {"round": 1, "maps": "teacher"}
+
+
+def test_missing_or_too_few_snapshots_are_said_and_the_files_found_used(tmp_path, caplog):
+    torch.manual_seed(0)
+    teacher, items = TinyMILNet(), _items()
+    engine = SimpleNamespace(teacher=teacher, state=SimpleNamespace(device="cpu", epoch=0))
+    handler = PseudoLabelHandler(DataLoader(items, batch_size=4), tmp_path / "pseudo", snapshot_dir=tmp_path / "none",
+                                 snapshots=3)
+    with caplog.at_level("WARNING"):
+        handler(engine)
+    assert "3 stage-1 snapshots asked (teacher_snapshots), 0 found" in caplog.text and "teacher alone" in caplog.text
+    np.testing.assert_allclose(nib.load(tmp_path / "pseudo" / "im1.nii.gz").get_fdata(),
+                               _teacher_fused(teacher, items)[1], atol=1e-6)
+    only = TinyMILNet()
+    _save_snapshots([only], tmp_path / "models", keep_last=3)
+    handler = PseudoLabelHandler(DataLoader(items, batch_size=4), tmp_path / "pseudo", snapshot_dir=tmp_path / "models",
+                                 snapshots=3)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        handler(engine)
+    assert "1 found" in caplog.text and "using them" in caplog.text
+    np.testing.assert_allclose(nib.load(tmp_path / "pseudo" / "im1.nii.gz").get_fdata(),
+                               _teacher_fused(only, items)[1], atol=1e-6)
+
+
+def test_bad_snapshot_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="snapshots must be at least 1"):
+        PseudoLabelHandler([], tmp_path, snapshots=0)
+    with pytest.raises(ValueError, match="needs the snapshot_dir"):
+        PseudoLabelHandler([], tmp_path, snapshots=3)
+    with pytest.raises(ValueError, match="keep_last must be at least 1"):
+        EpochWeightsSaver(TinyMILNet(), tmp_path, SNAPSHOT_PREFIX, keep_last=0)
+
+
+def test_mean_ensemble_averages_every_map():
+    class Constant(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, x):
+            return torch.full((x.shape[0], 3, *x.shape[2:]), self.value)
+
+    maps = MeanEnsemble([Constant(0.2), Constant(0.6), Constant(0.7)])(torch.zeros(2, 3, 4, 5))
+    assert maps.shape == (2, 3, 4, 5)
+    np.testing.assert_allclose(maps.numpy(), 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match="at least one member"):
+        MeanEnsemble([])
+
+
+def test_stage1_model_is_the_best_checkpoint_or_the_final_snapshot(tmp_path):
+    best = tmp_path / "teacher_best.pt"
+    assert stage1_model_path(tmp_path, best, "best") == best
+    with pytest.raises(FileNotFoundError, match="final epoch"):
+        stage1_model_path(tmp_path, best, "last")
+    _save_snapshots([TinyMILNet() for _ in range(11)], tmp_path, keep_last=3)  # epochs 1..11: 9, 10, 11 stay
+    assert stage1_model_path(tmp_path, best, "last") == tmp_path / "stage1_snapshot_epoch=11.pt"
+    with pytest.raises(ValueError, match="checkpoint_policy must be one of"):
+        stage1_model_path(tmp_path, best, "middle")

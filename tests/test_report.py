@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_bundle_training import CONFIGS
 
-from custom.report import distilled_model, select_final_model, subset_metrics
+from custom.report import distilled_model, is_student, select_final_model, subset_metrics
 
 
 def _state(value: float) -> dict:
@@ -33,6 +33,7 @@ def test_distilled_and_shipped_models(best_score, teacher_score, swapped, distil
         best_student_score=best_score,
         teacher_score=teacher_score,
         rounds=[{"epoch": 1, "swapped": swapped}],
+        keep="best",
     )
     for chosen, (source, weight) in ((distilled_model(teacher, role_swap), distilled),
                                      (select_final_model(teacher, role_swap), shipped)):
@@ -47,9 +48,22 @@ def test_final_model_needs_a_higher_validation_score(best_score, shipped):
     teacher = torch.nn.Module()
     teacher.register_buffer("w", torch.ones(1))
     role_swap = SimpleNamespace(
-        best_student_state=_state(0.0), best_student_score=best_score, teacher_score=0.80, rounds=[]
+        best_student_state=_state(0.0), best_student_score=best_score, teacher_score=0.80, rounds=[], keep="best"
     )
     assert select_final_model(teacher, role_swap)[1] == shipped
+
+
+def test_a_kept_last_student_is_named_so_and_counts_as_the_student():
+    teacher = torch.nn.Module()
+    teacher.register_buffer("w", torch.ones(1))
+    role_swap = SimpleNamespace(
+        best_student_state=_state(0.0), best_student_score=0.9, teacher_score=0.80, rounds=[], keep="last"
+    )
+    weights, source, score = select_final_model(teacher, role_swap)
+    assert (source, score, weights["w"].item()) == ("last student", 0.9, 0.0)
+    assert distilled_model(teacher, role_swap)[1] == "last student"
+    assert is_student("last student") and is_student("best student")
+    assert not is_student("stage-1 MIL teacher") and not is_student("teacher (a former student, after swaps)")
 
 
 def test_subset_metrics_split_negatives_by_name(caplog):

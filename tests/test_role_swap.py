@@ -218,3 +218,28 @@ def test_teacher_changed_follows_every_roles_swapped_handler_whatever_the_attach
     trainer.add_event_handler(DistillationEvents.ROLES_SWAPPED, lambda engine: calls.append("finishes the exchange"))
     RoleSwapHandler(ScriptedValidator(trainer.network, []), policy="periodic").swap(trainer)
     assert calls == ["finishes the exchange", "uses the teacher"]
+
+
+@pytest.mark.parametrize("keep, kept_epoch, kept_score, swapped", [("best", 1, 0.7, True), ("last", 2, 0.55, False)])
+def test_keep_decides_which_student_is_swapped_in_and_reported(keep, kept_epoch, kept_score, swapped):
+    """Student scores 0.7 then 0.55 against a teacher at 0.6: "best" keeps epoch 1 and swaps it in; "last" keeps the
+    epoch-2 student, which does not beat the teacher by the margin."""
+    trainer = _trainer(max_epochs=2)
+    handler, validator = _attach(
+        trainer, [0.7, 0.55], policy="if_better", interval=1, warmup=2, teacher_score=0.6, margin=0.01, keep=keep
+    )
+    trainer.run()
+    assert handler.rounds == [
+        {"epoch": 2, "metric": "f1", "teacher_score": 0.6, "student_score": kept_score, "swapped": swapped}
+    ]
+    if swapped:
+        assert _equal(trainer.teacher.state_dict(), validator.snapshots[kept_epoch - 1])
+    else:
+        assert _equal(handler.best_student_state, validator.snapshots[kept_epoch - 1])
+        assert handler.best_student_score == kept_score
+
+
+def test_unknown_keep_is_refused():
+    trainer = _trainer(max_epochs=1)
+    with pytest.raises(ValueError, match="keep must be one of"):
+        RoleSwapHandler(ScriptedValidator(trainer.network, []), teacher_score=0.5, keep="first")

@@ -1,8 +1,10 @@
-"""Every epoch's weights of a network, kept for the selection study (``scripts/selection_study.py``)."""
+"""A network's weights per epoch: all of them for the selection study (``scripts/selection_study.py``), the last few
+of the stage-1 teacher as its snapshots (``teacher_snapshots``) and, with ``checkpoint_policy`` "last", its model."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,39 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["EpochWeightsSaver"]
+__all__ = ["CHECKPOINT_POLICIES", "EpochWeightsSaver", "SNAPSHOT_PREFIX", "epoch_weight_files", "stage1_model_path"]
+
+# file prefix of the stage-1 teacher's last epochs: the pseudo-label ensemble of ``teacher_snapshots``, and the
+# stage-1 model with ``checkpoint_policy`` "last"
+SNAPSHOT_PREFIX = "stage1_snapshot"
+CHECKPOINT_POLICIES = ("best", "last")
+
+
+def epoch_weight_files(save_dir: str | os.PathLike, prefix: str) -> list[Path]:
+    """The weights files ``{prefix}_epoch={N}.pt`` of ``save_dir``, in epoch order (none when it does not exist)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_epoch=(\d+)\.pt$")
+    found = [(int(m.group(1)), p) for p in Path(save_dir).glob(f"{prefix}_epoch=*.pt") if (m := pattern.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def stage1_model_path(save_dir: str | os.PathLike, best_path: str | os.PathLike, policy: str) -> Path:
+    """The weights that become the finished stage 1's MIL teacher: ``best_path`` (best validation score) with policy
+    ``"best"``, the newest snapshot in ``save_dir`` (the final epoch) with ``"last"``.
+
+    On a validation split of a few dozen images from the training patients the best-scoring epoch is a noisy pick:
+    on the mosaics the final epoch of the fixed schedule was as good or better on unseen patients in 14 of 15 seeds
+    (bundle/docs/README.md, Results: which epoch to keep)."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}.")
+    if policy == "best":
+        return Path(best_path)
+    found = epoch_weight_files(save_dir, SNAPSHOT_PREFIX)
+    if not found:
+        raise FileNotFoundError(
+            f"checkpoint_policy 'last' takes the stage-1 teacher's final epoch from {save_dir}/{SNAPSHOT_PREFIX}_epoch=N.pt, "
+            "and there is none: was stage 1 trained by this version of train.json?"
+        )
+    return found[-1]
 
 
 class EpochWeightsSaver:
@@ -25,12 +59,18 @@ class EpochWeightsSaver:
 
     The epoch checkpoints keep only the last two epochs (for resuming); a study of which validation score picks the
     best checkpoint needs all of them. Off by default (``keep_epoch_weights``): one file per epoch adds up.
+    With ``keep_last`` only the last that many epochs' files of ``prefix`` stay (the teacher's snapshots).
     """
 
-    def __init__(self, network: torch.nn.Module, save_dir: str | os.PathLike, prefix: str) -> None:
+    def __init__(
+        self, network: torch.nn.Module, save_dir: str | os.PathLike, prefix: str, keep_last: int | None = None
+    ) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 or None, got {keep_last}.")
         self.network = network
         self.save_dir = Path(save_dir)
         self.prefix = prefix
+        self.keep_last = keep_last
 
     def attach(self, engine: Engine) -> None:
         """Save at each epoch end, after the epoch's validation and role-swap decision."""
@@ -43,3 +83,6 @@ class EpochWeightsSaver:
         partial = path.with_suffix(".pt.part")
         torch.save(unwrap_network(self.network).state_dict(), partial)
         os.replace(partial, path)
+        if self.keep_last is not None:
+            for old in epoch_weight_files(self.save_dir, self.prefix)[:-self.keep_last]:
+                old.unlink(missing_ok=True)

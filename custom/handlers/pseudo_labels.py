@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import logging
@@ -19,9 +20,12 @@ from monai.inferers import Inferer, SimpleInferer
 from monai.utils import IgniteInfo, min_version, optional_import
 from PIL import Image
 
-from custom.distributed import barrier, rank, world_size
+from custom.checkpoints import load_weights
+from custom.distributed import barrier, rank, unwrap_network, world_size
 from custom.engines.distillation_trainer import DistillationEvents
+from custom.handlers.epoch_weights import SNAPSHOT_PREFIX, epoch_weight_files
 from custom.metrics.calibration import CALIBRATION_GRID, calibrated_threshold, false_positive_curve, fp_area_at
+from custom.networks import MeanEnsemble
 from custom.transforms import pseudo_label_path
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -71,6 +75,12 @@ class PseudoLabelHandler:
         fp_budget: mean false-positive area on the training negatives the calibrated threshold allows, in (0, 1);
             None leaves the targets at the teacher's 0.5.
         loss: the stage-2 loss whose ``target_threshold`` a calibration sets; needed with ``fp_budget``.
+        snapshot_dir: folder of the stage-1 teacher's last epochs' weights (``SNAPSHOT_PREFIX``, written by an
+            ``EpochWeightsSaver`` with ``keep_last``).
+        snapshots: with 2 or more, the first round's maps are the mean of the teacher's last ``snapshots`` stage-1
+            epochs (:class:`custom.networks.MeanEnsemble`) instead of the selected teacher's; later rounds come
+            from the swapped-in teacher alone. Fewer files than asked: the ones found, with a warning; none: the
+            teacher, with a warning.
     """
 
     def __init__(
@@ -82,7 +92,13 @@ class PseudoLabelHandler:
         label_key: str = "label",
         fp_budget: float | None = None,
         loss: Any = None,
+        snapshot_dir: str | os.PathLike | None = None,
+        snapshots: int = 1,
     ) -> None:
+        if snapshots < 1:
+            raise ValueError(f"snapshots must be at least 1, got {snapshots}.")
+        if snapshots > 1 and snapshot_dir is None:
+            raise ValueError(f"snapshots {snapshots} needs the snapshot_dir holding the stage-1 teacher's epochs.")
         if fp_budget is not None:
             if not 0.0 < fp_budget < 1.0:
                 raise ValueError(f"fp_budget must lie in (0, 1) or be None, got {fp_budget}.")
@@ -97,6 +113,9 @@ class PseudoLabelHandler:
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.name_key = name_key
         self.label_key = label_key
+        self.snapshot_dir = snapshot_dir
+        self.snapshots = snapshots
+        self.sources: list[dict[str, Any]] = []  # one per round: which network wrote the maps
         self.round = 0
         self.logger = logging.getLogger(__name__)
 
@@ -112,7 +131,7 @@ class PseudoLabelHandler:
 
     def __call__(self, engine: Engine) -> None:
         """Regenerate the cache from ``engine.teacher``: each rank writes its shard, rank 0 the manifest, all wait."""
-        rows = self.write_maps(engine.teacher, engine.state.device, engine.state.epoch)
+        rows = self.write_maps(self.source(engine.teacher), engine.state.device, engine.state.epoch)
         shards: list[Any] = [rows]
         if world_size() > 1:
             shards = [None] * world_size()
@@ -130,6 +149,26 @@ class PseudoLabelHandler:
         if self.fp_budget is not None:
             self._share_threshold()
         barrier()
+
+    def source(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        """The network whose maps this round writes: the teacher, or in the first round with ``snapshots`` the mean
+        of its last stage-1 epochs; recorded in :attr:`sources`."""
+        files = epoch_weight_files(self.snapshot_dir, SNAPSHOT_PREFIX) if self.snapshots > 1 else []
+        files = files[-self.snapshots:] if self.round == 0 else []
+        if self.round == 0 and self.snapshots > 1 and len(files) < self.snapshots:
+            self.logger.warning(
+                f"pseudo-labels round 0: {self.snapshots} stage-1 snapshots asked (teacher_snapshots), "
+                f"{len(files)} found in {self.snapshot_dir}" + ("; using them" if files else "; using the teacher alone")
+            )
+        epochs = [int(f.stem.rsplit("=", 1)[1]) for f in files]
+        label = f"mean of the stage-1 teacher's epochs {epochs}" if files else "teacher"
+        self.sources = [s for s in self.sources if s["round"] != self.round] + [{"round": self.round, "maps": label}]
+        if not files:
+            return teacher
+        self.logger.info(f"pseudo-labels round 0: the {label} ({len(files)} snapshots of {self.snapshot_dir})")
+        base = unwrap_network(teacher)
+        device = next(base.parameters()).device
+        return MeanEnsemble([load_weights(copy.deepcopy(base), f) for f in files]).to(device)
 
     def _calibrate(self, rows: list[dict[str, Any]]) -> float:
         """The round's calibrated threshold from the negatives' false-positive curves, logged with its evidence."""
@@ -223,12 +262,13 @@ class PseudoLabelHandler:
 
     def state_dict(self) -> dict[str, Any]:
         """The pseudo-label round and the calibrations so far, so that a resumed run keeps counting."""
-        return {"round": self.round, "calibrations": list(self.calibrations)}
+        return {"round": self.round, "calibrations": list(self.calibrations), "sources": list(self.sources)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         self.round = int(state_dict["round"])
         self.calibrations = list(state_dict.get("calibrations", []))
+        self.sources = list(state_dict.get("sources", []))
 
 
 def _check_written_once(rows: list[dict[str, Any]]) -> None:

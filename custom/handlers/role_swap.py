@@ -11,6 +11,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from custom.distributed import unwrap_network
 from custom.engines.distillation_trainer import DistillationEvents
+from custom.handlers.epoch_weights import CHECKPOINT_POLICIES
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -29,8 +30,9 @@ class RoleSwapHandler:
     3 and 4).
 
     The handler follows the student's validation: after every run of ``validator`` (whose ``network`` is the
-    trainer's student) it reads ``validator.state.metrics[score_key]`` (higher is better, F1 in the bundle) and keeps
-    an in-memory deep copy of the weights whenever the score is the best since the last swap.
+    trainer's student) it reads ``validator.state.metrics[score_key]`` (higher is better) and keeps an in-memory deep
+    copy of the weights whenever the score is the best since the last swap (``keep="best"``), or of every validated
+    student with its score (``keep="last"``: the latest student is the one that counts; ``checkpoint_policy``).
     At the end of epochs ``warmup, warmup + interval, ...`` it decides:
 
     - ``"if_better"``: swap when the best student's score beats the current teacher's by more than ``margin``
@@ -65,6 +67,7 @@ class RoleSwapHandler:
         teacher_score: validation score of the initial teacher (e.g. its stage-1 best metric).
         teacher_validator: evaluator whose ``network`` is the teacher, run once at the start when
             ``teacher_score`` is not given; ``"if_better"`` needs one of the two.
+        keep: ``"best"`` or ``"last"``: which validated student the swap, the report and ``model.pt`` take.
     """
 
     def __init__(
@@ -77,7 +80,10 @@ class RoleSwapHandler:
         teacher_score: float | None = None,
         teacher_validator: Engine | None = None,
         margin: float = 0.0,
+        keep: str = "best",
     ) -> None:
+        if keep not in CHECKPOINT_POLICIES:
+            raise ValueError(f"keep must be one of {CHECKPOINT_POLICIES}, got {keep!r}.")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
         if interval < 1 or warmup < 1:
@@ -87,6 +93,7 @@ class RoleSwapHandler:
         if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}.")
         self.margin = margin
+        self.keep = keep
         self.validator = validator
         self.policy = policy
         self.interval = interval
@@ -115,10 +122,11 @@ class RoleSwapHandler:
             self.logger.info(f"role swap: initial teacher validation {self.metric_name} {self.teacher_score:.4f}")
 
     def record_student(self, validator: Engine) -> None:
-        """Keep a deep copy of the student's weights when its validation score is the best since the last swap."""
+        """Keep a deep copy of the student's weights when its validation score is the best since the last swap, or
+        always with ``keep="last"``."""
         score = self._score(validator)
         self.last_student_score = score
-        if self.best_student_score is None or score > self.best_student_score:
+        if self.keep == "last" or self.best_student_score is None or score > self.best_student_score:
             self.best_student_score = score
             self.best_student_state = copy.deepcopy(unwrap_network(validator.network).state_dict())
 
@@ -137,7 +145,7 @@ class RoleSwapHandler:
         self.rounds.append(record)
         self.logger.info(
             f"role swap at epoch {epoch} ({self.policy}, {self.metric_name}, margin {self.margin}): teacher "
-            f"{_fmt(record['teacher_score'])}, best student {_fmt(record['student_score'])}, "
+            f"{_fmt(record['teacher_score'])}, {self.keep} student {_fmt(record['student_score'])}, "
             f"swapped: {record['swapped']}"
         )
         if record["swapped"]:
