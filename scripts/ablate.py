@@ -38,6 +38,8 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "full": ([], {}),
     "snapshots_1": ([], {"teacher_snapshots": 1}),
     "checkpoint_best": ([], {"checkpoint_policy": "best", "teacher_snapshots": 1}),
+    "selection_auc": ([], {"selection_metric": "auc"}),
+    "masks_5pct_share25_auc": ([], {"strong_fraction": 0.05, "strong_share": 0.25, "selection_metric": "auc"}),
     "no_wce": ([], {"use_wce": False}),
     "no_swap": ([], {"swap_policy": "off"}),
     "periodic_swap": ([], {"swap_policy": "periodic"}),
