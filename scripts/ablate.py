@@ -74,7 +74,9 @@ SUPERVISED = "supervised_upper_bound"
 # variants whose stage 1 differs from the shared one (mixed supervision changes the teacher's loss): they train their
 # own, and the table gives their teacher and shipped model.pt beside their student
 OWN_STAGE1 = frozenset({SUPERVISED} | {name for name, (_, over) in VARIANTS.items() if "strong_fraction" in over})
-STAGE1_FILES = ("stage1_checkpoint_epoch=*.pt", "teacher_best.pt", "stage1_snapshot_epoch=*.pt")
+STAGE1_FILES = (
+    "stage1_checkpoint_epoch=*.pt", "teacher_best.pt", "teacher_last_checkpoint_epoch=*.pt", "stage1_snapshot_epoch=*.pt",
+)
 
 
 def run_training(run_dir: Path, dataset_dir: str, configs: list[str], overrides: dict) -> dict:

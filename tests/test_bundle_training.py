@@ -88,6 +88,10 @@ def test_one_command_training_writes_every_output(tiny_data, tmp_path):
     assert sorted(p.name for p in models.glob("stage1_snapshot_epoch=*.pt")) == [
         "stage1_snapshot_epoch=1.pt", "stage1_snapshot_epoch=2.pt"]
     assert "3 stage-1 snapshots asked (teacher_snapshots), 2 found" in log
+    # checkpoint_policy "last": the stage-1 teacher is the final epoch's, recorded; teacher_best.pt is kept too
+    last = torch.load(models / "teacher_last_checkpoint_epoch=2.pt", map_location="cpu", weights_only=True)
+    assert last["record"]["training"]["source"] == "stage-1 MIL teacher (final epoch)"
+    assert sorted(p.name for p in models.glob("teacher_last_*.pt")) == ["teacher_last_checkpoint_epoch=2.pt"]
     assert "if_better, val_area_contrast, margin 0.01): teacher" in log and "last student" in log  # checkpoint_policy
     # metrics.json: test fields of the stage-1 teacher and the final model, the rounds, the config
     report = json.loads((out / "metrics.json").read_text())

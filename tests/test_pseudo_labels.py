@@ -17,7 +17,7 @@ from skimage.io import imread
 from tiny_mil_net import TinyMILNet
 
 from custom.engines.distillation_trainer import DistillationEvents, DistillationTrainer
-from custom.handlers import SNAPSHOT_PREFIX, EpochWeightsSaver, epoch_weight_files, stage1_model_path
+from custom.handlers import SNAPSHOT_PREFIX, EpochWeightsSaver, epoch_weight_files
 from custom.handlers.pseudo_labels import PseudoLabelHandler
 from custom.losses.distillation import DistillationLoss
 from custom.networks import MeanEnsemble
@@ -265,13 +265,3 @@ def test_mean_ensemble_averages_every_map():
     with pytest.raises(ValueError, match="at least one member"):
         MeanEnsemble([])
 
-
-def test_stage1_model_is_the_best_checkpoint_or_the_final_snapshot(tmp_path):
-    best = tmp_path / "teacher_best.pt"
-    assert stage1_model_path(tmp_path, best, "best") == best
-    with pytest.raises(FileNotFoundError, match="final epoch"):
-        stage1_model_path(tmp_path, best, "last")
-    _save_snapshots([TinyMILNet() for _ in range(11)], tmp_path, keep_last=3)  # epochs 1..11: 9, 10, 11 stay
-    assert stage1_model_path(tmp_path, best, "last") == tmp_path / "stage1_snapshot_epoch=11.pt"
-    with pytest.raises(ValueError, match="checkpoint_policy must be one of"):
-        stage1_model_path(tmp_path, best, "middle")

@@ -14,7 +14,10 @@ from monai.handlers import CheckpointSaver
 
 from custom.checkpoints import RECORD_KEY, TrainingRecord
 
-__all__ = ["epoch_checkpoints", "RecordedCheckpointSaver", "SavedRecord", "StageCheckpointSaver", "run_stage"]
+__all__ = [
+    "CHECKPOINT_POLICIES", "LAST_PREFIX", "epoch_checkpoints", "RecordedCheckpointSaver", "SavedRecord",
+    "StageCheckpointSaver", "run_stage", "stage1_model_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,31 @@ def epoch_checkpoints(save_dir: str | Path, prefix: str) -> list[Path]:
     found = [(int(m.group(1)), p) for p in Path(save_dir).glob(f"{prefix}_checkpoint_epoch=*.pt")
              if (m := pattern.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+CHECKPOINT_POLICIES = ("best", "last")
+LAST_PREFIX = "teacher_last"  # file prefix of the stage-1 teacher's final-epoch checkpoint (checkpoint_policy "last")
+
+
+def stage1_model_path(save_dir: str | Path, best_path: str | Path, policy: str) -> Path:
+    """The checkpoint that becomes the finished stage 1's MIL teacher: ``best_path`` (best validation score) with
+    policy ``"best"``, the newest ``teacher_last_checkpoint_epoch=N.pt`` in ``save_dir`` (the final epoch) with
+    ``"last"``.
+
+    On a validation split of a few dozen images from the training patients the best-scoring epoch is a noisy pick:
+    on the mosaics the final epoch of the fixed schedule was as good or better on unseen patients in 14 of 15 seeds
+    (bundle/docs/README.md, Results: which epoch to keep)."""
+    if policy not in CHECKPOINT_POLICIES:
+        raise ValueError(f"checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}.")
+    if policy == "best":
+        return Path(best_path)
+    found = epoch_checkpoints(save_dir, LAST_PREFIX)
+    if not found:
+        raise FileNotFoundError(
+            f"checkpoint_policy 'last' takes the stage-1 teacher from {save_dir}/{LAST_PREFIX}_checkpoint_epoch=N.pt "
+            "and there is none: was stage 1 trained with checkpoint_policy 'best'? Pass --checkpoint_policy best."
+        )
+    return found[0]
 
 
 class SavedRecord:

@@ -1,4 +1,4 @@
 from .epoch_seed import EpochSeedHandler
-from .epoch_weights import CHECKPOINT_POLICIES, SNAPSHOT_PREFIX, EpochWeightsSaver, epoch_weight_files, stage1_model_path
+from .epoch_weights import SNAPSHOT_PREFIX, EpochWeightsSaver, epoch_weight_files
 from .pseudo_labels import PseudoLabelHandler
 from .role_swap import RoleSwapHandler

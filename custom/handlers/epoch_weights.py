@@ -1,5 +1,5 @@
 """A network's weights per epoch: all of them for the selection study (``scripts/selection_study.py``), the last few
-of the stage-1 teacher as its snapshots (``teacher_snapshots``) and, with ``checkpoint_policy`` "last", its model."""
+of the stage-1 teacher as its snapshots (``teacher_snapshots``)."""
 
 from __future__ import annotations
 
@@ -19,12 +19,10 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["CHECKPOINT_POLICIES", "EpochWeightsSaver", "SNAPSHOT_PREFIX", "epoch_weight_files", "stage1_model_path"]
+__all__ = ["EpochWeightsSaver", "SNAPSHOT_PREFIX", "epoch_weight_files"]
 
-# file prefix of the stage-1 teacher's last epochs: the pseudo-label ensemble of ``teacher_snapshots``, and the
-# stage-1 model with ``checkpoint_policy`` "last"
+# file prefix of the stage-1 teacher's last epochs, the pseudo-label ensemble of ``teacher_snapshots``
 SNAPSHOT_PREFIX = "stage1_snapshot"
-CHECKPOINT_POLICIES = ("best", "last")
 
 
 def epoch_weight_files(save_dir: str | os.PathLike, prefix: str) -> list[Path]:
@@ -32,26 +30,6 @@ def epoch_weight_files(save_dir: str | os.PathLike, prefix: str) -> list[Path]:
     pattern = re.compile(rf"^{re.escape(prefix)}_epoch=(\d+)\.pt$")
     found = [(int(m.group(1)), p) for p in Path(save_dir).glob(f"{prefix}_epoch=*.pt") if (m := pattern.match(p.name))]
     return [path for _, path in sorted(found)]
-
-
-def stage1_model_path(save_dir: str | os.PathLike, best_path: str | os.PathLike, policy: str) -> Path:
-    """The weights that become the finished stage 1's MIL teacher: ``best_path`` (best validation score) with policy
-    ``"best"``, the newest snapshot in ``save_dir`` (the final epoch) with ``"last"``.
-
-    On a validation split of a few dozen images from the training patients the best-scoring epoch is a noisy pick:
-    on the mosaics the final epoch of the fixed schedule was as good or better on unseen patients in 14 of 15 seeds
-    (bundle/docs/README.md, Results: which epoch to keep)."""
-    if policy not in CHECKPOINT_POLICIES:
-        raise ValueError(f"checkpoint_policy must be one of {CHECKPOINT_POLICIES}, got {policy!r}.")
-    if policy == "best":
-        return Path(best_path)
-    found = epoch_weight_files(save_dir, SNAPSHOT_PREFIX)
-    if not found:
-        raise FileNotFoundError(
-            f"checkpoint_policy 'last' takes the stage-1 teacher's final epoch from {save_dir}/{SNAPSHOT_PREFIX}_epoch=N.pt, "
-            "and there is none: was stage 1 trained by this version of train.json?"
-        )
-    return found[-1]
 
 
 class EpochWeightsSaver:

@@ -11,7 +11,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from custom.distributed import unwrap_network
 from custom.engines.distillation_trainer import DistillationEvents
-from custom.handlers.epoch_weights import CHECKPOINT_POLICIES
+from custom.engines.stages import CHECKPOINT_POLICIES
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
