@@ -154,7 +154,7 @@ def select_final_model(
 
 
 def is_student(source: str) -> bool:
-    """Whether a model source (:func:`select_final_model`) is the kept student, best or last by ``checkpoint_policy``."""
+    """Whether a model source (:func:`select_final_model`) is the kept student (best or last: ``checkpoint_policy``)."""
     return source in ("best student", "last student")
 
 

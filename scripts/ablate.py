@@ -75,7 +75,8 @@ SUPERVISED = "supervised_upper_bound"
 # own, and the table gives their teacher and shipped model.pt beside their student
 OWN_STAGE1 = frozenset({SUPERVISED} | {name for name, (_, over) in VARIANTS.items() if "strong_fraction" in over})
 STAGE1_FILES = (
-    "stage1_checkpoint_epoch=*.pt", "teacher_best.pt", "teacher_last_checkpoint_epoch=*.pt", "stage1_snapshot_epoch=*.pt",
+    "stage1_checkpoint_epoch=*.pt", "teacher_best.pt", "teacher_last_checkpoint_epoch=*.pt",
+    "stage1_snapshot_epoch=*.pt",
 )
 
 

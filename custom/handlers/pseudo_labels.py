@@ -158,7 +158,8 @@ class PseudoLabelHandler:
         if self.round == 0 and self.snapshots > 1 and len(files) < self.snapshots:
             self.logger.warning(
                 f"pseudo-labels round 0: {self.snapshots} stage-1 snapshots asked (teacher_snapshots), "
-                f"{len(files)} found in {self.snapshot_dir}" + ("; using them" if files else "; using the teacher alone")
+                f"{len(files)} found in {self.snapshot_dir}; "
+                + ("using them" if files else "using the teacher alone")
             )
         epochs = [int(f.stem.rsplit("=", 1)[1]) for f in files]
         label = f"mean of the stage-1 teacher's epochs {epochs}" if files else "teacher"
