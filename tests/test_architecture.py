@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "writers": {"data"},
     "metrics": {"data", "losses", "tables"},
     "engines": {"metrics", "transforms", "checkpoints", "distributed"},
-    "handlers": {"engines", "metrics", "transforms", "distributed"},
+    "handlers": {"engines", "metrics", "transforms", "distributed", "checkpoints", "networks"},
     "inference": {"checkpoints", "data", "distributed", "transforms", "writers"},
     "report": {"engines", "handlers", "metrics", "writers", "tables", "checkpoints", "transforms"},
 }
