@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from custom.distributed import unwrap_network
+from custom.distributed import rank, unwrap_network
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -55,7 +55,9 @@ class EpochWeightsSaver:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        """Write this epoch's weights."""
+        """Write this epoch's weights, on rank 0 only (every rank holds the same weights; two writers would race)."""
+        if rank() != 0:
+            return
         self.save_dir.mkdir(parents=True, exist_ok=True)
         path = self.save_dir / f"{self.prefix}_epoch={engine.state.epoch}.pt"
         partial = path.with_suffix(".pt.part")
