@@ -22,12 +22,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def epoch_files(save_dir: str | Path, prefix: str) -> list[Path]:
+    """The ``{prefix}_epoch=N.pt`` files of ``save_dir`` in epoch order (numeric, oldest first; none without it)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_epoch=(\d+)\.pt$")
+    found = [(int(m.group(1)), p) for p in Path(save_dir).glob(f"{prefix}_epoch=*.pt") if (m := pattern.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def epoch_checkpoints(save_dir: str | Path, prefix: str) -> list[Path]:
     """The ``{prefix}_checkpoint_epoch=N.pt`` files that ``CheckpointSaver(save_interval=...)`` left, newest first."""
-    pattern = re.compile(rf"^{re.escape(prefix)}_checkpoint_epoch=(\d+)\.pt$")
-    found = [(int(m.group(1)), p) for p in Path(save_dir).glob(f"{prefix}_checkpoint_epoch=*.pt")
-             if (m := pattern.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    return epoch_files(save_dir, f"{prefix}_checkpoint")[::-1]
 
 
 CHECKPOINT_POLICIES = ("best", "last")

@@ -4,7 +4,6 @@ of the stage-1 teacher as its snapshots (``teacher_snapshots``)."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +11,7 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from custom.distributed import rank, unwrap_network
+from custom.engines.stages import epoch_files as epoch_weight_files
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -23,13 +23,6 @@ __all__ = ["EpochWeightsSaver", "SNAPSHOT_PREFIX", "epoch_weight_files"]
 
 # file prefix of the stage-1 teacher's last epochs, the pseudo-label ensemble of ``teacher_snapshots``
 SNAPSHOT_PREFIX = "stage1_snapshot"
-
-
-def epoch_weight_files(save_dir: str | os.PathLike, prefix: str) -> list[Path]:
-    """The weights files ``{prefix}_epoch={N}.pt`` of ``save_dir``, in epoch order (none when it does not exist)."""
-    pattern = re.compile(rf"^{re.escape(prefix)}_epoch=(\d+)\.pt$")
-    found = [(int(m.group(1)), p) for p in Path(save_dir).glob(f"{prefix}_epoch=*.pt") if (m := pattern.match(p.name))]
-    return [path for _, path in sorted(found)]
 
 
 class EpochWeightsSaver:
