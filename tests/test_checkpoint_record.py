@@ -182,10 +182,10 @@ def trained(tiny_data, tmp_path_factory) -> Path:  # noqa: F811 - the fixture im
 def test_readme_rows_in_order_without_architecture_overrides(trained, tiny_data):  # noqa: F811
     models, slide = trained / "models", tiny_data / "slides" / "slide_000.tif"
     where = ["--ckpt_dir", str(models)]
-    # every checkpoint of the training records its network; model.pt and teacher_best.pt load as plain data (the
-    # stage checkpoints hold MONAI's MetricLogger state, whose keys are an Enum: run_stage reads them in full)
+    # every checkpoint of the training records its network and loads as plain data, the stage checkpoints with
+    # their training curves too (custom.handlers.TrainingHistory, not MetricLogger's Enum keys and defaultdict)
     for name in ("model.pt", "teacher_best.pt", "stage1_checkpoint_epoch=1.pt", "stage2_checkpoint_epoch=1.pt"):
-        record = torch.load(models / name, weights_only=not name.startswith("stage"))[RECORD_KEY]
+        record = torch.load(models / name, weights_only=True)[RECORD_KEY]
         assert record["network_def"]["width"] == WIDTH and record["image_size"] == TINY["image_size"], name
         assert record["mpp"] == 1.0 and record["threshold"] == 0.4 and record["training"]["epochs"]["stage1"] == 1
     best = torch.load(models / "teacher_best.pt", weights_only=True)[RECORD_KEY]
@@ -202,6 +202,12 @@ def test_readme_rows_in_order_without_architecture_overrides(trained, tiny_data)
     evaluated = json.loads((trained / "eval" / "eval_metrics.json").read_text())
     reported = report["student" if is_student(report["final_model"]["source"]) else "teacher"]
     assert {k: evaluated[k] for k in reported} == pytest.approx(reported, nan_ok=True)
+    # a stage checkpoint evaluates too: its record names the network it scores, in stage 2 the teacher, which
+    # without a swap is the stage-1 teacher the report scored
+    bundle("run", "--config_file", configs("train.json", "evaluate.json"), *where, "--dataset_dir", str(tiny_data),
+           "--output_dir", str(trained / "eval2"), "--ckpt_path", str(models / "stage2_checkpoint_epoch=1.pt"))
+    evaluated = json.loads((trained / "eval2" / "eval_metrics.json").read_text())
+    assert {k: evaluated[k] for k in report["teacher"]} == pytest.approx(report["teacher"], nan_ok=True)
 
     # whole-slide inference: inference.json alone, at the trained resolution and threshold
     log = bundle("run", "--config_file", str(CONFIGS / "inference.json"), *where, "--input", str(slide),
