@@ -33,8 +33,16 @@ def test_bag_pool_over_every_pixel_of_the_bag_by_hand():
     assert bag_pool(bag, "gm", r=2.0).item() == pytest.approx(math.sqrt((4 * 0.25 + 1 + 3 * 0.04) / 8))
     assert bag_pool(bag, "top_fraction", top_fraction=0.25).item() == pytest.approx((1.0 + 0.5) / 2)  # top 2 of 8
     assert bag_pool(bag, "top_fraction", top_fraction=0.01).item() == pytest.approx(1.0)  # at least one pixel
+    # top_tiles: tile scores are each tile's own GM; r = 1 makes them the tile means 0.5 and 1.6 / 4 = 0.4
+    assert bag_pool(bag, "top_tiles", r=1.0, top_tiles=1).item() == pytest.approx(0.5)
+    assert bag_pool(bag, "top_tiles", r=1.0, top_tiles=2).item() == pytest.approx((0.5 + 0.4) / 2)
+    assert bag_pool(bag, "top_tiles", r=1.0, top_tiles=5).item() == pytest.approx((0.5 + 0.4) / 2)  # at most k
+    assert bag_pool(bag, "top_tiles", r=2.0, top_tiles=1).item() == pytest.approx(math.sqrt((1 + 3 * 0.04) / 4))
+    with pytest.raises(ValueError, match="top_tiles"):
+        bag_pool(bag, "top_tiles", top_tiles=0)
     one = torch.rand(1, 3, 8, 8)
     torch.testing.assert_close(bag_pool(one, "gm", r=4.0), gm_pool(one[0], 4.0))  # a bag of one tile: the tile
+    torch.testing.assert_close(bag_pool(one, "top_tiles", r=4.0), gm_pool(one[0], 4.0))
     with pytest.raises(ValueError, match="unknown bag pooling"):
         bag_pool(bag, "max")
     with pytest.raises(ValueError, match=r"\(k, C, H, W\)"):
@@ -54,6 +62,13 @@ def test_bag_loss_is_bce_of_bag_scores_plus_background_on_negative_slides_by_han
     assert both_positive == pytest.approx((-math.log(0.8) - math.log(0.3)) / 2, rel=1e-5)  # no negative: no term
     with pytest.raises(ValueError, match="background_weight"):
         BagMILLoss(background_weight=-1)
+    # top_tiles: a positive bag of a tumour-like tile (0.9) and three empty tiles scores 0.9 with one top tile
+    tiles = torch.zeros(1, 4, 1, 2, 2)
+    tiles[0, 0] = 0.9
+    assert BagMILLoss(pooling="top_tiles", top_tiles=1)(tiles, torch.tensor([1.0])).item() == pytest.approx(
+        -math.log(0.9), rel=1e-5)
+    with pytest.raises(ValueError, match="top_tiles"):
+        BagMILLoss(pooling="top_tiles", top_tiles=0)
 
 
 def _run_trainer(network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, tile_batch: int) -> dict:

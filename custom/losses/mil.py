@@ -11,7 +11,7 @@ from .dice import soft_dice_loss
 
 __all__ = ["gm_pool", "bag_pool", "BAG_POOLINGS", "MILPoolingLoss", "BagMILLoss", "ConstantMaskDiceLoss"]
 
-BAG_POOLINGS = ("gm", "top_fraction")
+BAG_POOLINGS = ("gm", "top_fraction", "top_tiles")
 
 
 def gm_pool(p: torch.Tensor, r: float = 4.0, eps: float = 1e-6) -> torch.Tensor:
@@ -88,12 +88,17 @@ class ConstantMaskDiceLoss(_Loss):
         return losses.mean() if self.reduction == "mean" else losses.sum()
 
 
-def bag_pool(maps: torch.Tensor, pooling: str = "gm", r: float = 4.0, top_fraction: float = 0.01) -> torch.Tensor:
+def bag_pool(
+    maps: torch.Tensor, pooling: str = "gm", r: float = 4.0, top_fraction: float = 0.01, top_tiles: int = 2
+) -> torch.Tensor:
     """One score per map channel for a bag of tiles (k, C, H, W): the slide's score from all its tiles' pixels.
 
     ``gm`` is the generalised mean over every pixel of the bag (``gm_pool`` of the tiles laid side by side, so a
     bag of one tile scores like that tile); ``top_fraction`` the mean of the bag's highest ``top_fraction`` of pixels
-    (at least one), which lets a few percent of tumour tissue carry a slide however much normal tissue it holds.
+    (at least one), which lets a few percent of tumour tissue carry a slide however much normal tissue it holds;
+    ``top_tiles`` the mean of the ``top_tiles`` highest tile scores (each tile's ``gm_pool`` with ``r``; at most the
+    bag's k), the instance-level MIL of slide classifiers: a positive bag asks its likeliest tiles to be tumour
+    tiles, a negative bag pushes its likeliest tiles (benign lesions that look like tumour) down.
     """
     if maps.ndim != 4:
         raise ValueError(f"expected a bag of maps (k, C, H, W), got shape {tuple(maps.shape)}.")
@@ -106,6 +111,11 @@ def bag_pool(maps: torch.Tensor, pooling: str = "gm", r: float = 4.0, top_fracti
         pixels = channels.flatten(1)
         n = max(1, round(top_fraction * pixels.shape[1]))
         return pixels.topk(n, dim=1).values.mean(dim=1)
+    if pooling == "top_tiles":
+        if top_tiles < 1:
+            raise ValueError(f"top_tiles must be >= 1, got {top_tiles}.")
+        tiles = gm_pool(maps, r)  # (k, C): one score per tile and map
+        return tiles.topk(min(top_tiles, tiles.shape[0]), dim=0).values.mean(dim=0)
     raise ValueError(f"unknown bag pooling {pooling!r}; expected one of {BAG_POOLINGS}.")
 
 
@@ -118,17 +128,19 @@ class BagMILLoss(_Loss):
     over bags (and tiles) and maps, so the scale does not depend on the bag size or the number of side maps.
 
     Args:
-        pooling: "gm" (generalised mean over the bag's pixels with exponent ``r``) or "top_fraction" (mean of the
-            bag's top ``top_fraction`` pixels), see ``bag_pool``.
+        pooling: "gm" (generalised mean over the bag's pixels with exponent ``r``), "top_fraction" (mean of the
+            bag's top ``top_fraction`` pixels) or "top_tiles" (mean of the ``top_tiles`` highest tile scores), see
+            ``bag_pool``.
         r: generalised-mean exponent.
         top_fraction: fraction of a bag's pixels averaged by "top_fraction" pooling.
+        top_tiles: number of tiles averaged by "top_tiles" pooling.
         background_weight: weight of the all-background term on tiles of negative slides (0 switches it off).
         smooth: Dice smoothing of that term.
     """
 
     def __init__(
         self, pooling: str = "gm", r: float = 4.0, top_fraction: float = 0.01, background_weight: float = 0.0,
-        smooth: float = 1.0,
+        smooth: float = 1.0, top_tiles: int = 2,
     ) -> None:
         super().__init__()
         if pooling not in BAG_POOLINGS:
@@ -138,6 +150,9 @@ class BagMILLoss(_Loss):
         self.pooling = pooling
         self.r = r
         self.top_fraction = top_fraction
+        if top_tiles < 1:
+            raise ValueError(f"top_tiles must be >= 1, got {top_tiles}.")
+        self.top_tiles = top_tiles
         self.background_weight = background_weight
         self.smooth = smooth
 
@@ -145,7 +160,7 @@ class BagMILLoss(_Loss):
         """(B, C) pooled scores of bags of maps (B, k, C, H, W)."""
         if pred.ndim != 5:
             raise ValueError(f"expected bags of maps (B, k, C, H, W), got shape {tuple(pred.shape)}.")
-        return torch.stack([bag_pool(bag, self.pooling, self.r, self.top_fraction) for bag in pred])
+        return torch.stack([bag_pool(bag, self.pooling, self.r, self.top_fraction, self.top_tiles) for bag in pred])
 
     def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """`pred`: (B, k, C, H, W) probabilities of B bags of k tiles; `label`: (B,) or (B, 1) slide labels."""
