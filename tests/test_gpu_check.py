@@ -35,7 +35,7 @@ def _run(out: Path, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
     environment.update(PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, env=environment,
-                          timeout=300)
+                          timeout=2400)  # the small run's own budget is 2300 s
 
 
 def _summary(output: str) -> dict[str, str]:

@@ -14,7 +14,14 @@ from PIL import Image
 from custom.data.checks import check_training_data
 from custom.data.datalist import EBHI_GROUP_PATTERN, load_slide_datalist, patch_folder_datalist, split_train_val
 from custom.engines.evaluation import selection_evaluator, selection_key
-from custom.metrics.selection import SelectionHandler, flip_maps, selection_rows, summarise_selection
+from custom.metrics.selection import (
+    CRITERION_FLOOR,
+    MIN_POS_AREA,
+    SelectionHandler,
+    flip_maps,
+    selection_rows,
+    summarise_selection,
+)
 
 
 def _map(value_left: float, value_right: float, size: int = 8) -> np.ndarray:
@@ -63,6 +70,49 @@ def test_flip_consistency_by_hand():
 def test_one_label_gives_nan_for_two_label_criteria():
     scores = summarise_selection(selection_rows(np.stack([_map(0.9, 0.9)]), [1], smooth_sigma=None))
     assert math.isnan(scores["auc"]) and math.isnan(scores["balanced_accuracy"]) and math.isnan(scores["area_contrast"])
+
+
+def _spots(n_pixels: int, size: int = 64) -> np.ndarray:
+    """A map at 0.1 with ``n_pixels`` pixels of its first row at 0.9."""
+    prob = np.full((size, size), 0.1, np.float32)
+    prob[0, :n_pixels] = 0.9
+    return prob
+
+
+def test_a_model_that_finds_nothing_scores_every_floor():
+    labels = [1, 1, 0, 0]
+    # anti-correlated: positives called on a quarter (area 0.25 each), negatives on half (0.5): contrast -0.25
+    anti = summarise_selection(selection_rows(
+        np.stack([_map(0.1, 0.1), _map(0.1, 0.9), _map(0.1, 0.9), _map(0.1, 0.9)]), labels, smooth_sigma=None))
+    assert anti["area_contrast"] == pytest.approx(0.25 - 0.5) and anti["auc"] < 0.5
+    # empty: 0.1 everywhere -> raw contrast 0, AUC 0.5 and balanced accuracy 0.5 (ties), each replaced by its floor
+    empty = summarise_selection(selection_rows(np.full((4, 8, 8), 0.1, np.float32), labels, smooth_sigma=None))
+    assert empty["pos_area"] == 0.0 and empty["fp_area"] == 0.0
+    assert (empty["auc"], empty["balanced_accuracy"], empty["area_contrast"]) == (0.0, 0.0, -1.0)
+    assert all(empty[k] < anti[k] for k in ("auc", "balanced_accuracy", "area_contrast"))
+    # positives' mean area (2/4096 + 0) / 2 = 0.000244 < MIN_POS_AREA: nothing found; 2 * 16/4096 / 2 = 0.0039: found
+    rare = summarise_selection(selection_rows(
+        np.stack([_spots(2), _spots(0), _spots(0), _spots(0)]), labels, smooth_sigma=None))
+    assert rare["pos_area"] == pytest.approx(2 / 4096 / 2) and 2 / 4096 / 2 < MIN_POS_AREA
+    assert rare["area_contrast"] == -1.0
+    found = summarise_selection(selection_rows(
+        np.stack([_spots(16), _spots(16), _spots(0), _spots(0)]), labels, smooth_sigma=None))
+    assert found["area_contrast"] == pytest.approx(16 / 4096) and found["auc"] == 1.0
+    # negatives only: nothing to find, the two-label criteria stay NaN, not a floor
+    assert math.isnan(summarise_selection(selection_rows(np.full((2, 8, 8), 0.1), [0, 0]))["area_contrast"])
+
+
+def test_handler_says_when_a_model_finds_nothing(caplog):
+    maps = torch.full((4, 1, 8, 8), 0.1)
+    batches = [{"image": torch.zeros(4, 3, 8, 8), "pred": maps, "label": torch.tensor([1.0, 1.0, 0.0, 0.0])}]
+    engine = Engine(lambda engine, batch: batch)
+    SelectionHandler(key="area_contrast", prefix="val_", smooth_sigma=None).attach(engine, "val_area_contrast")
+    with caplog.at_level("INFO", logger="custom.metrics.selection"):
+        engine.run(batches)
+    assert engine.state.metrics["val_area_contrast"] == CRITERION_FLOOR["area_contrast"] == -1.0
+    assert engine.state.metrics["val_pos_area"] == 0.0
+    assert "val_area_contrast: the model calls 0.00000 of the validation positives' pixels" in caplog.text
+    assert "it finds nothing and scores -1.0" in caplog.text
 
 
 def test_flip_maps_undoes_the_transform():

@@ -18,6 +18,12 @@ must be decided without masks. Every criterion is computed from per-image rows o
 ``fp_area`` (mean predicted area fraction on negatives) and ``pos_area`` (on positives) are published beside them.
 A criterion that needs both labels is NaN when the images hold only one.
 
+A model that finds nothing, i.e. calls less than ``MIN_POS_AREA`` of the validation positives' pixels, gets every
+criterion's floor (``CRITERION_FLOOR``): the positives are known to hold tumour, so an empty map is wrong on each of
+them, and no criterion may rank it above a model that finds tumour, however poorly. Without the rule an empty model
+scores area contrast 0 and AUC 0.5 (ties) and beat, by the swap margin, a stage-1 slide teacher whose contrast was
+-0.03 (virtual slides, 0.6.6): the swap shipped a model that marks nothing.
+
 With slide labels the unit is the slide, not the tile: rows carry a group id (``slide_group_id`` of the slide path)
 and ``summarise_selection`` first reduces each slide's tiles to one slide row: its score is the generalised mean
 over all the slide's tile pixels (``(mean_t s_t^r)^(1/r)`` of the tiles' scores, exact for tiles of one size, the
@@ -28,6 +34,7 @@ false-positive area on negative slides.
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from collections.abc import Callable, Sequence
@@ -49,6 +56,7 @@ __all__ = [
     "slide_group_id",
     "group_rows",
     "summarise_selection",
+    "finds_nothing",
     "flip_maps",
     "SelectionMetric",
     "SelectionHandler",
@@ -56,6 +64,11 @@ __all__ = [
 
 MASK_FREE_METRICS = ("auc", "balanced_accuracy", "area_contrast", "flip_consistency")
 SELECTION_METRICS = (*MASK_FREE_METRICS, "mask_f1")
+
+# Below this mean predicted area fraction on the positives a model finds nothing (module docstring) ...
+MIN_POS_AREA = 1e-3
+# ... and scores each criterion's lowest value.
+CRITERION_FLOOR = {"auc": 0.0, "balanced_accuracy": 0.0, "area_contrast": -1.0, "flip_consistency": 0.0}
 
 # Columns of a selection row; GROUP is NaN for a row that is its own unit (an image).
 LABEL, SCORE, AREA, CONSISTENCY, GROUP = range(5)
@@ -132,7 +145,8 @@ def group_rows(rows: torch.Tensor, r: float = 4.0) -> torch.Tensor:
 
 def summarise_selection(rows: torch.Tensor, threshold: float = 0.5, r: float = 4.0) -> dict[str, float | int]:
     """Reduce (N, 5) selection rows, grouped into slides where they carry a group (``group_rows``), to every
-    mask-free criterion, plus ``fp_area``, ``pos_area``, ``n_pos``, ``n_neg`` (images or slides)."""
+    mask-free criterion, plus ``fp_area``, ``pos_area``, ``n_pos``, ``n_neg`` (images or slides); a model that finds
+    nothing on the positives scores each criterion's floor."""
     rows = group_rows(rows, r)
     positive = rows[:, LABEL] > 0.5
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
@@ -142,16 +156,26 @@ def summarise_selection(rows: torch.Tensor, threshold: float = 0.5, r: float = 4
     specificity = (~called[~positive]).double().mean().item() if n_neg else math.nan
     pos_area = rows[positive, AREA].mean().item() if n_pos else math.nan
     fp_area = rows[~positive, AREA].mean().item() if n_neg else math.nan
-    return {
+    criteria = {
         "auc": float(compute_roc_auc(rows[:, SCORE], positive.long())) if both else math.nan,
         "balanced_accuracy": (sensitivity + specificity) / 2 if both else math.nan,
         "area_contrast": pos_area - fp_area if both else math.nan,
         "flip_consistency": rows[positive, CONSISTENCY].mean().item() if n_pos else math.nan,
+    }
+    if finds_nothing(pos_area):
+        criteria = {k: v if math.isnan(v) else CRITERION_FLOOR[k] for k, v in criteria.items()}
+    return {
+        **criteria,
         "fp_area": fp_area,
         "pos_area": pos_area,
         "n_pos": n_pos,
         "n_neg": n_neg,
     }
+
+
+def finds_nothing(pos_area: float) -> bool:
+    """Whether a model calling ``pos_area`` of the validation positives finds nothing (no positives, NaN: False)."""
+    return not math.isnan(pos_area) and pos_area < MIN_POS_AREA
 
 
 def flip_maps(network: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
@@ -264,6 +288,11 @@ class SelectionHandler(IgniteMetricHandler):
     def completed(self, engine: Engine, name: str) -> None:
         """Publish the ranking criterion under ``name`` and every value under prefixed keys."""
         summary = self.compute()
+        if finds_nothing(summary["pos_area"]):
+            logging.getLogger(__name__).info(
+                f"{name}: the model calls {summary['pos_area']:.5f} of the validation positives' pixels (below "
+                f"{MIN_POS_AREA}): it finds nothing and scores {CRITERION_FLOOR[self.key]}, each criterion's floor"
+            )
         if not self.consistency:  # not computed: not published as NaN
             summary.pop("flip_consistency")
         publish_metrics(engine, name, summary, self.prefix, self.key)
