@@ -15,11 +15,12 @@ from custom.losses.distillation import DistillationLoss
 
 
 class ScriptedValidator(Engine):
-    """Stands in for the student's evaluator: each run reports the next scripted score as metric "f1"."""
+    """Stands in for the student's evaluator: each run reports the next scripted score as metric ``metric``."""
 
-    def __init__(self, network: torch.nn.Module, scores: list[float]) -> None:
+    def __init__(self, network: torch.nn.Module, scores: list[float], metric: str = "f1") -> None:
         super().__init__(lambda engine, batch: None)
         self.network = network
+        self.metric = metric
         self.scores = list(scores)
         self.snapshots: list[dict] = []  # the student's weights at each validation
         self.add_event_handler(Events.EPOCH_COMPLETED, self._report)
@@ -29,7 +30,7 @@ class ScriptedValidator(Engine):
         super().run([0], max_epochs=1)
 
     def _report(self, engine: Engine) -> None:
-        self.state.metrics["f1"] = self.scores.pop(0)
+        self.state.metrics[self.metric] = self.scores.pop(0)
         self.snapshots.append(copy.deepcopy(self.network.state_dict()))
 
 
@@ -150,6 +151,21 @@ def test_teacher_validator_scores_the_teacher_at_start():
     assert handler.rounds == [
         {"epoch": 2, "metric": "f1", "teacher_score": 0.45, "student_score": 0.5, "swapped": True}
     ]
+
+
+@pytest.mark.parametrize("metric, score, warned", [
+    ("val_area_contrast", -0.0316, True), ("val_area_contrast", 0.0, True), ("val_area_contrast", 0.02, False),
+    ("val_auc", 0.5, True), ("val_auc", 0.56, False), ("val_balanced_accuracy", 0.31, True),
+    ("val_flip_consistency", 0.0, False), ("val_mask_f1", 0.0, False),  # no chance level to compare with
+])
+def test_a_teacher_at_chance_is_named(caplog, metric, score, warned):
+    trainer = _trainer(max_epochs=1)
+    handler = RoleSwapHandler(ScriptedValidator(trainer.network, [0.1], metric), policy="if_better",
+                              teacher_validator=ScriptedValidator(trainer.teacher, [score], metric), score_key=metric)
+    handler.attach(trainer)
+    with caplog.at_level("WARNING", logger="custom.handlers.role_swap"):
+        trainer.run()
+    assert (f"teacher's validation {metric} {score:.4f} is at or below chance" in caplog.text) is warned
 
 
 def test_state_dict_round_trip_continues_the_same_schedule(tmp_path):

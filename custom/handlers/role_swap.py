@@ -12,6 +12,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from custom.distributed import unwrap_network
 from custom.engines.distillation_trainer import DistillationEvents
 from custom.engines.stages import CHECKPOINT_POLICIES
+from custom.metrics.selection import chance_level
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -120,6 +121,19 @@ class RoleSwapHandler:
             self.teacher_validator.run()
             self.teacher_score = self._score(self.teacher_validator)
             self.logger.info(f"role swap: initial teacher validation {self.metric_name} {self.teacher_score:.4f}")
+            self._warn_at_chance()
+
+    def _warn_at_chance(self) -> None:
+        """Say when the teacher does not separate the validation labels: its pseudo-masks then carry little signal,
+        which a weak-label user cannot see any other way."""
+        chance = chance_level(self.metric_name)
+        if chance is not None and self.teacher_score <= chance:
+            self.logger.warning(
+                f"role swap: the teacher's validation {self.metric_name} {self.teacher_score:.4f} is at or below "
+                f"chance ({chance}): it does not separate the positive from the negative validation images (or "
+                "slides), so its pseudo-masks carry little signal; check the labels, or give stage 1 more epochs or "
+                "more data before trusting the student"
+            )
 
     def record_student(self, validator: Engine) -> None:
         """Keep a deep copy of the student's weights when its validation score is the best since the last swap, or

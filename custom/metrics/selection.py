@@ -57,6 +57,7 @@ __all__ = [
     "group_rows",
     "summarise_selection",
     "finds_nothing",
+    "chance_level",
     "flip_maps",
     "SelectionMetric",
     "SelectionHandler",
@@ -69,6 +70,9 @@ SELECTION_METRICS = (*MASK_FREE_METRICS, "mask_f1")
 MIN_POS_AREA = 1e-3
 # ... and scores each criterion's lowest value.
 CRITERION_FLOOR = {"auc": 0.0, "balanced_accuracy": 0.0, "area_contrast": -1.0, "flip_consistency": 0.0}
+
+# The score of a model that does not separate the labels: it ranks them at random, or calls as much on negatives.
+CHANCE_LEVEL = {"auc": 0.5, "balanced_accuracy": 0.5, "area_contrast": 0.0}
 
 # Columns of a selection row; GROUP is NaN for a row that is its own unit (an image).
 LABEL, SCORE, AREA, CONSISTENCY, GROUP = range(5)
@@ -176,6 +180,12 @@ def summarise_selection(rows: torch.Tensor, threshold: float = 0.5, r: float = 4
 def finds_nothing(pos_area: float) -> bool:
     """Whether a model calling ``pos_area`` of the validation positives finds nothing (no positives, NaN: False)."""
     return not math.isnan(pos_area) and pos_area < MIN_POS_AREA
+
+
+def chance_level(metric_name: str) -> float | None:
+    """The chance score of the criterion a published metric name ends with (``val_auc``: 0.5); None where it has
+    none (``flip_consistency``, ``mask_f1``)."""
+    return next((level for criterion, level in CHANCE_LEVEL.items() if metric_name.endswith(criterion)), None)
 
 
 def flip_maps(network: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
