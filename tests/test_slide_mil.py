@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import DataLoader
 
 from custom.data import SlideTileDataset
@@ -21,6 +22,8 @@ from custom.losses import BagMILLoss, DistillationLoss, bag_pool, gm_pool
 from custom.metrics.selection import group_rows, slide_group_id, summarise_selection
 from custom.networks import DWSMIL
 from tests.pyramid_files import write_pyramid
+
+CONFIGS = Path(__file__).resolve().parents[1] / "bundle" / "configs"
 
 PURPLE, WHITE = (150, 60, 170), (245, 245, 245)
 
@@ -246,6 +249,14 @@ def test_selection_rows_grouped_into_slides_by_hand():
     assert scores["auc"] == 1.0 and scores["fp_area"] == pytest.approx(0.05)
     assert scores["area_contrast"] == pytest.approx(0.3 - 0.05)
     assert scores["balanced_accuracy"] == pytest.approx((1.0 + 1.0) / 2)  # 0.6 >= 0.5 called; 0.4 and 0.1 not
+    # top_tiles: a slide's score is the mean of its highest tile scores (top 2 of slide c's one tile: that tile)
+    top1, top2 = group_rows(rows, top_tiles=1), group_rows(rows, top_tiles=2)
+    assert sorted(top1[:, 1].tolist()) == pytest.approx([0.1, 0.6, 0.8])
+    assert sorted(top2[:, 1].tolist()) == pytest.approx([0.1, 0.4, 0.6])
+    # top 1: a 0.8 and b 0.6 are called, c 0.1 is not: sensitivity 1, specificity 1/2
+    assert summarise_selection(rows, threshold=0.5, top_tiles=1)["balanced_accuracy"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="top_tiles must be a positive number"):
+        group_rows(rows, top_tiles=0)
     mixed = rows.clone()
     mixed[2, 0] = 1
     with pytest.raises(ValueError, match="both labels"):
@@ -279,6 +290,32 @@ def test_the_validator_scores_slides_not_tiles_with_group_key():
     assert scores["slide"]["val_area_contrast"] == pytest.approx(1 / 3)
     slide_score = ((0.9**4 + 2 * 0.1**4) / 3) ** 0.25
     assert scores["slide"]["val_auc"] == 1.0 and slide_score > 0.3  # the positive slide outranks both negatives
+
+
+def test_the_validator_scores_a_slide_by_its_top_tiles_when_training_did():
+    """A positive slide with one tumour tile among two empty ones: its GM (r = 4) over all pixels,
+    ((0.6^4 + 2 * 0.1^4) / 3)^(1/4) = 0.456, misses the 0.5 threshold; its top tile, 0.6, does not."""
+    items = []
+    for slide, label, values in (("pos.tif", 1, (0.6, 0.1, 0.1)), ("neg.tif", 0, (0.2, 0.2))):
+        for value in values:
+            items.append({"image": torch.full((3, 8, 8), value), "label": torch.tensor(float(label)), "slide": slide})
+    accuracy = {}
+    for top_tiles in (None, 1):
+        evaluator = selection_evaluator(_MeanMap(), DataLoader(items, batch_size=2), "cpu", "balanced_accuracy",
+                                        smooth_sigma=None, group_key="slide", slide_top_tiles=top_tiles)
+        evaluator.run()
+        accuracy[top_tiles] = evaluator.state.metrics["val_balanced_accuracy"]
+    assert ((0.6**4 + 2 * 0.1**4) / 3) ** 0.25 == pytest.approx(0.456, abs=1e-3)
+    assert accuracy == {None: 0.5, 1: 1.0}  # sensitivity 0 then 1; the negative slide (0.2) is never called
+
+
+@pytest.mark.parametrize("pooling, expected", [("gm", None), ("top_fraction", None), ("top_tiles", 3)])
+def test_slide_mil_scores_validation_slides_as_it_pools_bags(pooling, expected):
+    parser = ConfigParser()
+    names = ("train.json", "cpu_train.json", "slides.json", "slide_mil.json")
+    parser.read_config([str(CONFIGS / name) for name in names])
+    parser.update({"bag_pooling": pooling, "bag_top_tiles": 3})
+    assert parser.get_parsed_content("validate#evaluator_def#slide_top_tiles") == expected
 
 
 def test_slide_bag_training_needs_negative_slides():

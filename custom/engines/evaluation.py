@@ -42,11 +42,13 @@ def selection_evaluator(
     inferer: Inferer | None = None,
     val_handlers: Sequence[Any] | None = None,
     group_key: str | None = None,
+    slide_top_tiles: int | None = None,
 ) -> SupervisedEvaluator:
     """A ``SupervisedEvaluator`` whose key metric is ``prefix + selection_metric``.
 
     Mask-free criteria pair each image with its image label (MONAI's default batch) and publish every mask-free
-    score, per slide when ``group_key`` names the batch key of the tiles' slide (slide-level labels); ``mask_f1``
+    score, per slide when ``group_key`` names the batch key of the tiles' slide (slide-level labels), a slide scored
+    by the mean of its ``slide_top_tiles`` highest tiles when given (else the GM over its pixels); ``mask_f1``
     pairs each image with its pixel mask and publishes the mask metrics as ``prefix + "mask_" + key``.
     """
     key = selection_key(selection_metric, prefix)
@@ -58,7 +60,8 @@ def selection_evaluator(
         prepare_batch = PrepareImageMask()
     else:
         metric = SelectionHandler(
-            key=selection_metric, prefix=prefix, smooth_sigma=smooth_sigma, threshold=threshold, group_key=group_key
+            key=selection_metric, prefix=prefix, smooth_sigma=smooth_sigma, threshold=threshold, group_key=group_key,
+            top_tiles=slide_top_tiles,
         )
         prepare_batch = default_prepare_batch
     return SupervisedEvaluator(

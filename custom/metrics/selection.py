@@ -27,9 +27,10 @@ scores area contrast 0 and AUC 0.5 (ties) and beat, by the swap margin, a stage-
 With slide labels the unit is the slide, not the tile: rows carry a group id (``slide_group_id`` of the slide path)
 and ``summarise_selection`` first reduces each slide's tiles to one slide row: its score is the generalised mean
 over all the slide's tile pixels (``(mean_t s_t^r)^(1/r)`` of the tiles' scores, exact for tiles of one size, the
-pooling of ``custom.losses.bag_pool``), its area the mean of its tiles' areas (the predicted tumour fraction of the
-slide's tissue) and its consistency the mean of its tiles'. ``auc`` is then the slide AUC and ``fp_area`` the
-false-positive area on negative slides.
+pooling of ``custom.losses.bag_pool``), or, with ``top_tiles`` (a teacher trained with ``bag_pooling`` top_tiles), the
+mean of its ``top_tiles`` highest tile scores, as in training; its area the mean of its tiles' areas (the predicted
+tumour fraction of the slide's tissue) and its consistency the mean of its tiles'. ``auc`` is then the slide AUC
+and ``fp_area`` the false-positive area on negative slides.
 """
 
 from __future__ import annotations
@@ -126,12 +127,15 @@ def selection_rows(
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, N_COLUMNS)
 
 
-def group_rows(rows: torch.Tensor, r: float = 4.0) -> torch.Tensor:
+def group_rows(rows: torch.Tensor, r: float = 4.0, top_tiles: int | None = None) -> torch.Tensor:
     """One row per group (slide) from the rows of its tiles; rows without a group stay as they are.
 
     A group's score is the generalised mean of its tiles' scores with exponent ``r`` (the GM over all its pixels),
-    its area and consistency the means of its tiles', its label the label of its tiles (which must agree).
+    or the mean of its ``top_tiles`` highest tile scores (all of them in a smaller group); its area and consistency
+    the means of its tiles', its label the label of its tiles (which must agree).
     """
+    if top_tiles is not None and top_tiles < 1:
+        raise ValueError(f"top_tiles must be a positive number of tiles, got {top_tiles}.")
     rows = rows.to(torch.float64).reshape(-1, N_COLUMNS)
     grouped = ~torch.isnan(rows[:, GROUP])
     if not bool(grouped.any()):
@@ -141,17 +145,22 @@ def group_rows(rows: torch.Tensor, r: float = 4.0) -> torch.Tensor:
         members = rows[rows[:, GROUP] == group]
         if bool((members[:, LABEL] != members[0, LABEL]).any()):
             raise ValueError(f"selection group {int(group)} holds tiles of both labels; a slide has one label.")
-        score = members[:, SCORE].clamp_min(0).pow(r).mean().pow(1.0 / r)
+        if top_tiles is None:
+            score = members[:, SCORE].clamp_min(0).pow(r).mean().pow(1.0 / r)
+        else:
+            score = members[:, SCORE].topk(min(top_tiles, len(members))).values.mean()
         consistency = members[:, CONSISTENCY].mean()
         out.append(torch.stack([members[0, LABEL], score, members[:, AREA].mean(), consistency, group])[None])
     return torch.cat(out)
 
 
-def summarise_selection(rows: torch.Tensor, threshold: float = 0.5, r: float = 4.0) -> dict[str, float | int]:
+def summarise_selection(
+    rows: torch.Tensor, threshold: float = 0.5, r: float = 4.0, top_tiles: int | None = None
+) -> dict[str, float | int]:
     """Reduce (N, 5) selection rows, grouped into slides where they carry a group (``group_rows``), to every
     mask-free criterion, plus ``fp_area``, ``pos_area``, ``n_pos``, ``n_neg`` (images or slides); a model that finds
     nothing on the positives scores each criterion's floor."""
-    rows = group_rows(rows, r)
+    rows = group_rows(rows, r, top_tiles)
     positive = rows[:, LABEL] > 0.5
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     both = n_pos > 0 and n_neg > 0
@@ -205,11 +214,14 @@ class SelectionMetric(CumulativeIterationMetric):
     when images are tiles of slides.
     """
 
-    def __init__(self, smooth_sigma: float | None = 3.0, threshold: float = 0.5, r: float = 4.0) -> None:
+    def __init__(
+        self, smooth_sigma: float | None = 3.0, threshold: float = 0.5, r: float = 4.0, top_tiles: int | None = None
+    ) -> None:
         super().__init__()
         self.smooth_sigma = smooth_sigma
         self.threshold = threshold
         self.r = r
+        self.top_tiles = top_tiles
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Selection rows (B, 4) of one batch."""
@@ -222,7 +234,7 @@ class SelectionMetric(CumulativeIterationMetric):
 
     def aggregate(self) -> dict[str, float | int]:  # type: ignore[override]
         """Every criterion over the images (or slides) seen since the last ``reset()``."""
-        return summarise_selection(self.get_buffer(), self.threshold, self.r)
+        return summarise_selection(self.get_buffer(), self.threshold, self.r, self.top_tiles)
 
 
 class SelectionHandler(IgniteMetricHandler):
@@ -232,7 +244,7 @@ class SelectionHandler(IgniteMetricHandler):
     ``summarise_selection`` is published as ``prefix + name``. With ``key="flip_consistency"`` (or
     ``consistency=True``) the handler runs the evaluator's network once more per batch on transformed images.
     With ``group_key`` (e.g. ``"slide"``) the batch's values under that key group tiles into slides, and every
-    criterion is computed per slide (module docstring).
+    criterion is computed per slide (module docstring); ``top_tiles`` then scores a slide by its highest tiles.
     """
 
     def __init__(
@@ -245,6 +257,7 @@ class SelectionHandler(IgniteMetricHandler):
         consistency: bool | None = None,
         save_details: bool = True,
         group_key: str | None = None,
+        top_tiles: int | None = None,
     ) -> None:
         if key not in MASK_FREE_METRICS:
             raise ValueError(f"key must be one of {MASK_FREE_METRICS}, got {key!r}.")
@@ -253,7 +266,7 @@ class SelectionHandler(IgniteMetricHandler):
         self.prefix = prefix
         self.consistency = key == "flip_consistency" if consistency is None else consistency
         self._engine: Engine | None = None
-        metric = SelectionMetric(smooth_sigma, threshold, r)
+        metric = SelectionMetric(smooth_sigma, threshold, r, top_tiles)
         super().__init__(metric_fn=metric, output_transform=self._maps_and_labels, save_details=save_details)
 
     def attach(self, engine: Engine, name: str) -> None:  # type: ignore[override]
