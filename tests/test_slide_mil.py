@@ -255,7 +255,7 @@ def test_selection_rows_grouped_into_slides_by_hand():
     assert sorted(top2[:, 1].tolist()) == pytest.approx([0.1, 0.4, 0.6])
     # top 1: a 0.8 and b 0.6 are called, c 0.1 is not: sensitivity 1, specificity 1/2
     assert summarise_selection(rows, threshold=0.5, top_tiles=1)["balanced_accuracy"] == pytest.approx(0.75)
-    with pytest.raises(ValueError, match="top_tiles must be a positive number"):
+    with pytest.raises(ValueError, match="top_tiles must be >= 1, got 0"):
         group_rows(rows, top_tiles=0)
     mixed = rows.clone()
     mixed[2, 0] = 1

@@ -9,7 +9,9 @@ from torch.nn.modules.loss import _Loss
 
 from .dice import soft_dice_loss
 
-__all__ = ["gm_pool", "bag_pool", "BAG_POOLINGS", "MILPoolingLoss", "BagMILLoss", "ConstantMaskDiceLoss"]
+__all__ = [
+    "gm_pool", "pool_tile_scores", "bag_pool", "BAG_POOLINGS", "MILPoolingLoss", "BagMILLoss", "ConstantMaskDiceLoss"
+]
 
 BAG_POOLINGS = ("gm", "top_fraction", "top_tiles")
 
@@ -88,6 +90,17 @@ class ConstantMaskDiceLoss(_Loss):
         return losses.mean() if self.reduction == "mean" else losses.sum()
 
 
+def pool_tile_scores(tile_scores: torch.Tensor, r: float = 4.0, top_tiles: int | None = None) -> torch.Tensor:
+    """A bag's score from its tiles' scores (k, ...), pooled over the first axis: the mean of the ``top_tiles``
+    highest (all of them when k is smaller), or, with None, their generalised mean with ``r``, which for tiles of one
+    size scored by ``gm_pool`` equals the generalised mean over all the bag's pixels."""
+    if top_tiles is None:
+        return tile_scores.clamp_min(0).pow(r).mean(dim=0).pow(1.0 / r)
+    if top_tiles < 1:
+        raise ValueError(f"top_tiles must be >= 1, got {top_tiles}.")
+    return tile_scores.topk(min(top_tiles, tile_scores.shape[0]), dim=0).values.mean(dim=0)
+
+
 def bag_pool(
     maps: torch.Tensor, pooling: str = "gm", r: float = 4.0, top_fraction: float = 0.01, top_tiles: int = 2
 ) -> torch.Tensor:
@@ -112,10 +125,7 @@ def bag_pool(
         n = max(1, round(top_fraction * pixels.shape[1]))
         return pixels.topk(n, dim=1).values.mean(dim=1)
     if pooling == "top_tiles":
-        if top_tiles < 1:
-            raise ValueError(f"top_tiles must be >= 1, got {top_tiles}.")
-        tiles = gm_pool(maps, r)  # (k, C): one score per tile and map
-        return tiles.topk(min(top_tiles, tiles.shape[0]), dim=0).values.mean(dim=0)
+        return pool_tile_scores(gm_pool(maps, r), top_tiles=top_tiles)  # gm_pool: (k, C), one score per tile and map
     raise ValueError(f"unknown bag pooling {pooling!r}; expected one of {BAG_POOLINGS}.")
 
 

@@ -47,7 +47,7 @@ from ignite.engine import Engine
 from monai.handlers import IgniteMetricHandler, from_engine
 from monai.metrics import CumulativeIterationMetric, compute_roc_auc
 
-from custom.losses.mil import gm_pool
+from custom.losses.mil import gm_pool, pool_tile_scores
 from custom.metrics.segmentation import predicted_mask, publish_metrics
 
 __all__ = [
@@ -134,8 +134,6 @@ def group_rows(rows: torch.Tensor, r: float = 4.0, top_tiles: int | None = None)
     or the mean of its ``top_tiles`` highest tile scores (all of them in a smaller group); its area and consistency
     the means of its tiles', its label the label of its tiles (which must agree).
     """
-    if top_tiles is not None and top_tiles < 1:
-        raise ValueError(f"top_tiles must be a positive number of tiles, got {top_tiles}.")
     rows = rows.to(torch.float64).reshape(-1, N_COLUMNS)
     grouped = ~torch.isnan(rows[:, GROUP])
     if not bool(grouped.any()):
@@ -145,10 +143,7 @@ def group_rows(rows: torch.Tensor, r: float = 4.0, top_tiles: int | None = None)
         members = rows[rows[:, GROUP] == group]
         if bool((members[:, LABEL] != members[0, LABEL]).any()):
             raise ValueError(f"selection group {int(group)} holds tiles of both labels; a slide has one label.")
-        if top_tiles is None:
-            score = members[:, SCORE].clamp_min(0).pow(r).mean().pow(1.0 / r)
-        else:
-            score = members[:, SCORE].topk(min(top_tiles, len(members))).values.mean()
+        score = pool_tile_scores(members[:, SCORE], r, top_tiles)  # as training pools a bag (bag_pool)
         consistency = members[:, CONSISTENCY].mean()
         out.append(torch.stack([members[0, LABEL], score, members[:, AREA].mean(), consistency, group])[None])
     return torch.cat(out)
